@@ -1,0 +1,30 @@
+# hiradix: the two commands are `make demo` and `make test`; each runs `make setup` first.
+PY := .venv/bin/python
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup test test-fast demo bench lint typecheck clean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q tests -m "not e2e"
+
+demo: setup
+	$(PY) -m hiradix.cli demo
+
+bench: setup
+	$(PY) benchmarks/bench_tree.py --trace ../shared/traces/mooncake_synthetic_trace.jsonl --json out/bench_tree.json
+
+lint: setup
+	.venv/bin/ruff check hiradix backends integration tests benchmarks
+	.venv/bin/ruff format --check hiradix backends integration tests benchmarks
+
+typecheck: setup
+	.venv/bin/mypy
+
+clean:
+	rm -rf .venv out .pytest_cache .mypy_cache
