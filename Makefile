@@ -14,7 +14,7 @@ test-fast: setup
 	$(PY) -m pytest -q tests -m "not e2e"
 
 demo: setup
-	$(PY) -m hiradix.cli demo
+	$(PY) -m hiradix.integration.cli demo
 
 bench: setup
 	$(PY) benchmarks/bench_tree.py --trace ../shared/traces/mooncake_synthetic_trace.jsonl --json out/bench_tree.json
