@@ -1,1 +1,1 @@
-"""hiradix."""
+"""Pure policies: eviction orders and prefetch policies (no IO, no locks)."""

@@ -1,0 +1,706 @@
+"""The tiered radix tree: one tree of token prefixes that knows where each node's KV lives.
+
+Single-threaded and non-blocking: every method runs on the engine's scheduler thread, never
+takes a lock and never does IO. Copies between tiers are done elsewhere (the transfer
+engine); the tree only records residency and hands slots back through callbacks.
+
+Residency per node (see DESIGN.md):
+
+- ``l1``: device slot indices (an opaque, sliceable sequence owned by the engine's pool);
+- ``l2``: host slot indices in hiradix's slab, with ``l2_ticket`` set while the copy that
+  fills them is still in flight;
+- L3 presence is not a node field: it is asked of the store for the tokens past the local
+  match (see ``page_keys``).
+
+Invariants (checked by ``check_invariants`` in tests):
+
+- L1 and L2 residency are prefix-closed: a node is resident in a tier only if its parent is;
+- a locked node is never evicted from L1; every L1 token of the tree is counted once in
+  either ``evictable_tokens`` (lock count 0) or ``protected_tokens``;
+- a node with neither L1 nor L2 residency is not kept in the tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import logging
+import time
+from array import array
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterator, Optional, Sequence
+
+from hiradix.policies.eviction import EvictionOrder, get_eviction_order
+from hiradix.types import PageKey
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+FreeCallback = Callable[[Any], None]
+
+
+class Ticket:
+    """Completion flag shared by every node piece an in-flight transfer covers."""
+
+    __slots__ = ("done", "failed")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.failed = False
+
+
+@dataclass(frozen=True, slots=True)
+class TierTtl:
+    """Time to live of one tier: ``seconds=None`` keeps pages until evicted."""
+
+    seconds: Optional[float] = None
+    sliding: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TtlRules:
+    device: TierTtl = TierTtl()
+    host: TierTtl = TierTtl()
+    max_age: Optional[float] = None
+
+    @property
+    def enabled(self) -> bool:
+        return (
+            self.device.seconds is not None
+            or self.host.seconds is not None
+            or self.max_age is not None
+        )
+
+
+class Node:
+    __slots__ = (
+        "id",
+        "parent",
+        "children",
+        "tokens",
+        "l1",
+        "l2",
+        "l2_ticket",
+        "l2_pins",
+        "lock_ref",
+        "hits",
+        "priority",
+        "last_access",
+        "created_tick",
+        "created_at",
+        "accessed_at",
+        "l1_at",
+        "l2_at",
+        "keys",
+        "namespace",
+    )
+
+    def __init__(self, node_id: int, tokens: array, parent: Optional[Node], tick: int, now: float):
+        self.id = node_id
+        self.parent = parent
+        self.children: dict[Hashable, Node] = {}
+        self.tokens = tokens
+        self.l1: Any = None
+        self.l2: Any = None
+        self.l2_ticket: Optional[Ticket] = None
+        self.l2_pins = 0  # loads from L2 in flight: the host copy must stay
+        self.lock_ref = 0
+        self.hits = 0
+        self.priority = 0
+        self.last_access = tick
+        self.created_tick = tick
+        self.created_at = now
+        self.accessed_at = now
+        self.l1_at = now
+        self.l2_at = now
+        self.keys: Optional[list[PageKey]] = None
+        self.namespace: Hashable = parent.namespace if parent is not None else None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def l2_ready(self) -> bool:
+        return self.l2 is not None and (self.l2_ticket is None or self.l2_ticket.done)
+
+    def __repr__(self) -> str:
+        return (
+            f"Node(id={self.id}, len={len(self.tokens)}, l1={self.l1 is not None}, "
+            f"l2={self.l2 is not None}, lock={self.lock_ref})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TreeMatch:
+    """Result of a lookup. ``l1_node`` ends the device-resident prefix; ``host_node`` ends
+    the run after it that is only on host (equal to ``l1_node`` when there is none);
+    ``node`` is the deepest node matched (page keys of what follows chain from it)."""
+
+    l1_len: int
+    l1_node: Node
+    host_len: int
+    host_node: Node
+
+    @property
+    def total_len(self) -> int:
+        return self.l1_len + self.host_len
+
+
+@dataclass(frozen=True, slots=True)
+class InsertOutcome:
+    prefix_len: int  # tokens already on device before this insert (caller frees its copies)
+    node: Node  # where the inserted key ends
+    new_nodes: tuple[Node, ...]  # nodes that gained device residency (candidates to demote)
+
+
+def common_prefix_len(a: array, b: array, b_off: int) -> int:
+    """Length of the common prefix of ``a`` and ``b[b_off:]``, galloping over C-level slice
+    compares so that long shared prefixes cost no per-token Python work."""
+    n = min(len(a), len(b) - b_off)
+    lo, step = 0, 64
+    while lo < n:
+        hi = min(lo + step, n)
+        if a[lo:hi] != b[b_off + lo : b_off + hi]:
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if a[lo:mid] == b[b_off + lo : b_off + mid]:
+                    lo = mid
+                else:
+                    hi = mid
+            return lo
+        lo = hi
+        step *= 2
+    return n
+
+
+class RadixTree:
+    """Tiered radix tree over page-aligned token sequences, partitioned by namespace."""
+
+    def __init__(
+        self,
+        page_size: int = 1,
+        *,
+        eviction: str | EvictionOrder = "lru",
+        ttl: TtlRules = TtlRules(),
+        clock: Clock = time.monotonic,
+        free_l1: FreeCallback = lambda values: None,
+        free_l2: FreeCallback = lambda slots: None,
+        key_seed: Callable[[Hashable], bytes] = lambda ns: repr(ns).encode(),
+    ):
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        self.page_size = page_size
+        self.order = get_eviction_order(eviction) if isinstance(eviction, str) else eviction
+        self.ttl = ttl
+        self.clock = clock
+        self.free_l1 = free_l1
+        self.free_l2 = free_l2
+        self.key_seed = key_seed
+        self.expired_tokens = {"l1": 0, "l2": 0}
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget every node without handing any slot back (the owner clears its pools)."""
+        self._next_id = 0
+        self._tick = 0
+        self.root = self._new_node(array("q"), None)
+        self.root.lock_ref = 1
+        self.ns_roots: dict[Hashable, Node] = {}
+        self.evictable_tokens = 0
+        self.protected_tokens = 0
+        self.l2_tokens = 0
+        self.l1_leaves: set[Node] = set()
+        self.l2_leaves: set[Node] = set()
+
+    def _new_node(self, tokens: array, parent: Optional[Node]) -> Node:
+        node = Node(self._next_id, tokens, parent, self._tick, self.clock())
+        self._next_id += 1
+        return node
+
+    def _ns_root(self, namespace: Hashable, create: bool) -> Optional[Node]:
+        node = self.ns_roots.get(namespace)
+        if node is None and create:
+            node = self._new_node(array("q"), self.root)
+            node.namespace = namespace
+            node.lock_ref = 1  # namespace roots are never evicted
+            self.root.children[("ns", namespace)] = node
+            self.ns_roots[namespace] = node
+        return node
+
+    def _child_key(self, tokens: array, pos: int) -> Hashable:
+        if self.page_size == 1:
+            return tokens[pos]
+        return tuple(tokens[pos : pos + self.page_size])
+
+    def is_root(self, node: Node) -> bool:
+        return node.parent is None or node.parent is self.root
+
+    # ------------------------------------------------------------------ lookup
+    def match(self, namespace: Hashable, tokens: array, *, touch: bool = True) -> TreeMatch:
+        """Longest cached prefix of ``tokens`` (page-aligned by the caller): the device run,
+        then the host-only run after it. Splits a node where the match ends inside it, and
+        expires what is due on the way (lazy TTL)."""
+        start = self._ns_root(namespace, create=False)
+        if start is None:
+            return TreeMatch(0, self.root, 0, self.root)
+        if touch:
+            self._tick += 1
+        tick = self._tick
+        now = self.clock() if self.ttl.enabled else 0.0
+        node = l1_node = host_node = start
+        pos = l1_len = host_len = 0
+        n = len(tokens)
+        while pos < n:
+            child = node.children.get(self._child_key(tokens, pos))
+            if child is None:
+                break
+            if self.ttl.enabled and self._expire_if_due(child, now):
+                if child.parent is None:  # removed with its subtree
+                    break
+            matched = common_prefix_len(child.tokens, tokens, pos)
+            matched -= matched % self.page_size
+            if matched == 0:
+                break
+            if matched < len(child.tokens):
+                child = self._split(child, matched)
+            if touch:
+                child.last_access = tick
+                if self.ttl.enabled:
+                    child.accessed_at = now
+            pos += matched
+            node = child
+            if child.l1 is not None:
+                l1_len, l1_node = pos, child
+            elif child.l2_ready:
+                host_len, host_node = pos - l1_len, child
+            else:
+                break
+            if matched < len(child.tokens):
+                break
+        if host_len == 0:
+            host_node = l1_node
+        return TreeMatch(l1_len, l1_node, host_len, host_node)
+
+    def touch(self, namespace: Hashable, tokens: array) -> None:
+        """Bump recency along the cached path of ``tokens`` (no TTL work beyond a lookup)."""
+        self.match(namespace, tokens)
+
+    # ------------------------------------------------------------------ insert
+    def insert(
+        self,
+        namespace: Hashable,
+        tokens: array,
+        values: Any,
+        *,
+        inserted_len: int = 0,
+        priority: int = 0,
+    ) -> InsertOutcome:
+        """Record that ``values[i]`` holds the device KV of ``tokens[i]``. Nodes already on
+        device keep their slots (``prefix_len`` tells the caller which of its slots are now
+        duplicates); nodes known only on host adopt the caller's slots."""
+        node = self._ns_root(namespace, create=True)
+        assert node is not None
+        self._tick += 1
+        tick = self._tick
+        now = self.clock()
+        n = len(tokens)
+        pos = prefix_len = 0
+        new_nodes: list[Node] = []
+        while pos < n:
+            child = node.children.get(self._child_key(tokens, pos))
+            if child is None:
+                break
+            matched = common_prefix_len(child.tokens, tokens, pos)
+            matched -= matched % self.page_size
+            if matched == 0:
+                break
+            if matched < len(child.tokens):
+                child = self._split(child, matched)
+            child.last_access = tick
+            child.accessed_at = now
+            child.priority = max(child.priority, priority)
+            if child.l1 is None:
+                self._attach_l1(child, values[pos : pos + matched], now)
+                new_nodes.append(child)
+            else:
+                prefix_len = pos + matched
+            pos += matched
+            if pos > inserted_len:
+                child.hits += 1
+            node = child
+        if pos < n:
+            child = self._new_node(tokens[pos:], node)
+            child.priority = priority
+            child.hits = 1
+            node.children[self._child_key(tokens, pos)] = child
+            self._attach_l1(child, values[pos:n], now)
+            new_nodes.append(child)
+            node = child
+        return InsertOutcome(prefix_len, node, tuple(new_nodes))
+
+    def _attach_l1(self, node: Node, values: Any, now: float) -> None:
+        node.l1 = values
+        node.l1_at = now
+        if node.lock_ref > 0:
+            self.protected_tokens += len(node)
+        else:
+            self.evictable_tokens += len(node)
+        self._update_leaf(node)
+        if node.parent is not None:
+            self._update_leaf(node.parent)
+
+    def attach_l1(self, node: Node, values: Any) -> None:
+        """Give a host-only node device slots (load-back); its parent must be on device."""
+        if node.l1 is not None:
+            raise ValueError(f"{node!r} is already on device")
+        self._attach_l1(node, values, self.clock())
+
+    # ------------------------------------------------------------------ split
+    def _split(self, child: Node, at: int) -> Node:
+        """Cut ``child`` after ``at`` tokens; returns the new upper part."""
+        parent = child.parent
+        assert parent is not None
+        upper = self._new_node(child.tokens[:at], parent)
+        upper.namespace = child.namespace
+        for attr in ("lock_ref", "hits", "priority", "last_access", "created_tick",
+                     "created_at", "accessed_at", "l1_at", "l2_at", "l2_ticket", "l2_pins"):
+            setattr(upper, attr, getattr(child, attr))
+        if child.l1 is not None:
+            upper.l1, child.l1 = child.l1[:at], child.l1[at:]
+        if child.l2 is not None:
+            upper.l2, child.l2 = child.l2[:at], child.l2[at:]
+        if child.keys is not None:
+            pages = at // self.page_size
+            upper.keys, child.keys = child.keys[:pages], child.keys[pages:]
+        child.tokens = child.tokens[at:]
+        parent.children[self._child_key(upper.tokens, 0)] = upper
+        upper.children[self._child_key(child.tokens, 0)] = child
+        child.parent = upper
+        # leaf sets: the upper part has a resident child, so it is not a leaf of any tier
+        return upper
+
+    # ------------------------------------------------------------------ locks
+    def lock(self, node: Node) -> int:
+        """Pin ``node`` and its ancestors on device; returns the change in evictable tokens."""
+        delta = 0
+        while node is not self.root and node is not None:
+            if node.lock_ref == 0 and node.l1 is not None:
+                self.evictable_tokens -= len(node)
+                self.protected_tokens += len(node)
+                delta -= len(node)
+            node.lock_ref += 1
+            self.l1_leaves.discard(node)
+            node = node.parent  # type: ignore[assignment]
+        return delta
+
+    def unlock(self, node: Node) -> int:
+        delta = 0
+        while node is not self.root and node is not None:
+            if node.lock_ref <= 0:
+                raise ValueError(f"unlock of an unlocked node {node!r}")
+            node.lock_ref -= 1
+            if node.lock_ref == 0 and node.l1 is not None:
+                self.evictable_tokens += len(node)
+                self.protected_tokens -= len(node)
+                delta += len(node)
+                self._update_leaf(node)
+            node = node.parent  # type: ignore[assignment]
+        return delta
+
+    # ------------------------------------------------------------------ leaves
+    def _update_leaf(self, node: Node) -> None:
+        if node.parent is None or node.parent is self.root:
+            return
+        if node.l1 is not None and node.lock_ref == 0 and not any(
+            c.l1 is not None for c in node.children.values()
+        ):
+            self.l1_leaves.add(node)
+        else:
+            self.l1_leaves.discard(node)
+        if node.l2_ready and node.l2_pins == 0 and not any(
+            c.l2 is not None for c in node.children.values()
+        ):
+            self.l2_leaves.add(node)
+        else:
+            self.l2_leaves.discard(node)
+
+    # ------------------------------------------------------------------ eviction
+    def evict_l1(self, num_tokens: int, *, keep: Callable[[Node], bool] | None = None) -> int:
+        """Drop device copies of unlocked leaves, in the eviction order, until
+        ``num_tokens`` are freed; nodes with a host copy stay in the tree as host-only."""
+        heap = [(self.order(n), n) for n in self.l1_leaves]
+        heapq.heapify(heap)
+        freed = 0
+        while freed < num_tokens and heap:
+            _, node = heapq.heappop(heap)
+            if node not in self.l1_leaves:
+                continue
+            freed += self._drop_l1(node)
+            parent = node.parent
+            if parent is not None and parent in self.l1_leaves:
+                heapq.heappush(heap, (self.order(parent), parent))
+        return freed
+
+    def _drop_l1(self, node: Node) -> int:
+        size = len(node)
+        self.free_l1(node.l1)
+        node.l1 = None
+        self.evictable_tokens -= size
+        self.l1_leaves.discard(node)
+        if node.l2 is None:
+            self._remove(node)
+        else:
+            self._update_leaf(node)
+            if node.parent is not None:
+                self._update_leaf(node.parent)
+        return size
+
+    def evict_l2(self, num_tokens: int) -> int:
+        """Drop host copies of leaves that no load is reading, until ``num_tokens`` are
+        freed; nodes still on device keep their device copy."""
+        heap = [(self.order(n), n) for n in self.l2_leaves]
+        heapq.heapify(heap)
+        freed = 0
+        while freed < num_tokens and heap:
+            _, node = heapq.heappop(heap)
+            if node not in self.l2_leaves:
+                continue
+            freed += self._drop_l2(node)
+            parent = node.parent
+            if parent is not None and parent in self.l2_leaves:
+                heapq.heappush(heap, (self.order(parent), parent))
+        return freed
+
+    def _drop_l2(self, node: Node) -> int:
+        size = len(node)
+        self.free_l2(node.l2)
+        node.l2 = None
+        node.l2_ticket = None
+        self.l2_tokens -= size
+        self.l2_leaves.discard(node)
+        if node.l1 is None:
+            self._remove(node)
+        else:
+            self._update_leaf(node)
+            if node.parent is not None:
+                self._update_leaf(node.parent)
+        return size
+
+    def attach_l2(self, node: Node, slots: Any, ticket: Optional[Ticket]) -> None:
+        """Record host slots for ``node`` (filled when ``ticket`` completes)."""
+        if node.l2 is not None:
+            raise ValueError(f"{node!r} already has host slots")
+        node.l2 = slots
+        node.l2_ticket = ticket
+        node.l2_at = self.clock()
+        self.l2_tokens += len(node)
+        self._update_leaf(node)
+
+    def finish_l2(self, node: Node, ok: bool) -> None:
+        """A host write covering ``node`` completed; on failure its slots go back."""
+        if node.parent is None or node.l2 is None:
+            return  # removed meanwhile
+        if ok:
+            if node.l2_ticket is not None and node.l2_ticket.done:
+                node.l2_ticket = None
+            self._update_leaf(node)
+            if node.parent is not None:
+                self._update_leaf(node.parent)
+        else:
+            self._drop_host_subtree(node)
+
+    def _drop_host_subtree(self, node: Node) -> None:
+        for child in list(node.children.values()):
+            self._drop_host_subtree(child)
+        if node.l2 is not None and node.parent is not None:
+            self._drop_l2(node)
+
+    def _remove(self, node: Node) -> None:
+        """Unlink a node without residency, with its (non-resident) subtree."""
+        parent = node.parent
+        if parent is None:
+            return
+        for child in list(node.children.values()):
+            self._release_subtree(child)
+        node.children.clear()
+        parent.children.pop(self._child_key(node.tokens, 0), None)
+        node.parent = None
+        self.l1_leaves.discard(node)
+        self.l2_leaves.discard(node)
+        self._update_leaf(parent)
+
+    def _release_subtree(self, node: Node) -> None:
+        for child in list(node.children.values()):
+            self._release_subtree(child)
+        if node.l1 is not None:  # cannot happen while L1 is prefix-closed; be safe
+            self.free_l1(node.l1)
+            self.evictable_tokens -= len(node)
+            node.l1 = None
+        if node.l2 is not None:
+            self.free_l2(node.l2)
+            self.l2_tokens -= len(node)
+            node.l2 = None
+        self.l1_leaves.discard(node)
+        self.l2_leaves.discard(node)
+        node.parent = None
+
+    # ------------------------------------------------------------------ TTL
+    def _due(self, node: Node, rule: TierTtl, written_at: float, now: float) -> bool:
+        if self.ttl.max_age is not None and now - node.created_at >= self.ttl.max_age:
+            return True
+        if rule.seconds is None:
+            return False
+        base = node.accessed_at if rule.sliding else written_at
+        return now - base >= rule.seconds
+
+    def _expire_if_due(self, node: Node, now: float) -> bool:
+        """Drop the tiers of ``node`` (and its subtree) whose time is up. Locked device
+        copies and host copies being read are left for a later pass."""
+        changed = False
+        if (
+            node.l2 is not None
+            and node.l2_pins == 0
+            and node.l2_ticket is None
+            and self._due(node, self.ttl.host, node.l2_at, now)
+        ):
+            self.expired_tokens["l2"] += self._subtree_tokens(node, "l2")
+            self._drop_host_subtree(node)
+            changed = True
+        if (
+            node.parent is not None
+            and node.l1 is not None
+            and node.lock_ref == 0
+            and self._due(node, self.ttl.device, node.l1_at, now)
+        ):
+            self.expired_tokens["l1"] += self._subtree_tokens(node, "l1")
+            self._drop_device_subtree(node)
+            changed = True
+        return changed
+
+    def _drop_device_subtree(self, node: Node) -> None:
+        for child in list(node.children.values()):
+            self._drop_device_subtree(child)
+        if node.l1 is not None and node.parent is not None and node.lock_ref == 0:
+            self._drop_l1(node)
+
+    def _subtree_tokens(self, node: Node, tier: str) -> int:
+        total = len(node) if getattr(node, tier) is not None else 0
+        for child in node.children.values():
+            total += self._subtree_tokens(child, tier)
+        return total
+
+    def sweep(self, max_nodes: int = 64) -> int:
+        """Bounded expiry pass over current leaves; returns how many nodes it changed."""
+        if not self.ttl.enabled:
+            return 0
+        now = self.clock()
+        changed = 0
+        candidates = list(self.l1_leaves)[:max_nodes] + list(self.l2_leaves)[:max_nodes]
+        for node in candidates:
+            if node.parent is not None and self._expire_if_due(node, now):
+                changed += 1
+        return changed
+
+    # ------------------------------------------------------------------ paths and keys
+    def path(self, node: Node) -> list[Node]:
+        """Nodes from the namespace root (exclusive) down to ``node``."""
+        out = []
+        while node.parent is not None and node.parent is not self.root:
+            out.append(node)
+            node = node.parent
+        out.reverse()
+        return out
+
+    def path_l1(self, node: Node) -> list[Any]:
+        values = []
+        while node.parent is not None and node.parent is not self.root:
+            values.append(node.l1)
+            node = node.parent
+        values.reverse()
+        return values
+
+    def page_keys(self, node: Node) -> list[PageKey]:
+        """Content keys of ``node``'s pages, chained from its ancestors' (computed once)."""
+        missing = []
+        cur = node
+        while cur.keys is None and cur.parent is not None and cur.parent is not self.root:
+            missing.append(cur)
+            cur = cur.parent
+        if cur.keys is None:  # a namespace root (or the root): no pages of its own
+            cur.keys = []
+        for item in reversed(missing):
+            parent = item.parent
+            assert parent is not None and parent.keys is not None
+            prev = parent.keys[-1] if parent.keys else self.seed_key(item.namespace)
+            item.keys = chain_page_keys(prev, item.tokens, self.page_size)
+        assert node.keys is not None
+        return node.keys
+
+    def seed_key(self, namespace: Hashable) -> PageKey:
+        return PageKey(hashlib.blake2b(self.key_seed(namespace), digest_size=16).digest())
+
+    # ------------------------------------------------------------------ inspection
+    def iter_nodes(self) -> Iterator[Node]:
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            if node is not self.root:
+                yield node
+            stack.extend(node.children.values())
+
+    def l1_total(self) -> int:
+        return self.evictable_tokens + self.protected_tokens
+
+    def check_invariants(self) -> None:
+        """Raise ``AssertionError`` if the tree's bookkeeping is inconsistent (tests only)."""
+        evictable = protected = host = 0
+        for node in self.iter_nodes():
+            parent = node.parent
+            assert parent is not None
+            if parent is not self.root and node.l1 is not None and len(parent) > 0:
+                assert parent.l1 is not None, f"L1 not prefix-closed at {node!r}"
+            if parent is not self.root and node.l2 is not None and len(parent) > 0:
+                assert parent.l2 is not None, f"L2 not prefix-closed at {node!r}"
+            if len(node) and node.l1 is None and node.l2 is None:
+                raise AssertionError(f"non-resident node kept: {node!r}")
+            if node.l1 is not None:
+                assert len(node.l1) == len(node), node
+                if node.lock_ref > 0:
+                    protected += len(node)
+                else:
+                    evictable += len(node)
+            if node.l2 is not None:
+                host += len(node)
+            assert node.lock_ref >= 0
+        assert evictable == self.evictable_tokens, (evictable, self.evictable_tokens)
+        assert protected == self.protected_tokens, (protected, self.protected_tokens)
+        assert host == self.l2_tokens, (host, self.l2_tokens)
+
+    def dump(self, limit: int = 200) -> str:
+        lines = []
+
+        def walk(node: Node, depth: int) -> None:
+            if len(lines) >= limit:
+                return
+            lines.append(
+                f"{'  ' * depth}{len(node)} {list(node.tokens[:8])} "
+                f"l1={node.l1 is not None} l2={node.l2 is not None} lock={node.lock_ref}"
+            )
+            for child in node.children.values():
+                walk(child, depth + 1)
+
+        walk(self.root, 0)
+        return "\n".join(lines)
+
+
+def chain_page_keys(prev: bytes, tokens: Sequence[int] | array, page_size: int) -> list[PageKey]:
+    """SHA-256-strength chain is not needed inside one tree; BLAKE2b-128 is collision-safe
+    for content addressing and several times faster than SHA-256 in CPython."""
+    raw = tokens.tobytes() if isinstance(tokens, array) else array("q", tokens).tobytes()
+    step = page_size * 8
+    keys: list[PageKey] = []
+    for off in range(0, len(raw), step):
+        prev = hashlib.blake2b(prev + raw[off : off + step], digest_size=16).digest()
+        keys.append(PageKey(prev))
+    return keys

@@ -1,0 +1,124 @@
+"""SGLang plugin entry point: registers the ``hiradix`` radix-cache backend and the
+``--enable-hiradix`` / ``--hiradix-config`` server flags in every SGLang process.
+
+SGLang 0.5.23 calls ``register()`` (entry-point group ``sglang.srt.plugins``) first thing in
+the launcher, in each scheduler process and in the detokenizer (processes are spawned, so
+registration made at run time in a parent would be lost). The flags ride on two hooks:
+``ServerArgs.add_cli_args`` (AFTER: add them to the parser) and ``ServerArgs.from_cli_args``
+(BEFORE: map ``--enable-hiradix`` onto ``--radix-cache-backend hiradix`` and check the
+config file once, in the launcher, so that a bad config fails before any process starts).
+The config path reaches the scheduler processes through ``HIRADIX_CONFIG`` in the
+environment, which spawned children inherit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "hiradix"
+CONFIG_ENV = "HIRADIX_CONFIG"
+ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
+FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
+
+_registered = False
+
+
+def register() -> None:
+    """Idempotent: safe to call from every process, any number of times."""
+    global _registered
+    if _registered:
+        return
+    from sglang.srt.mem_cache.registry import register_radix_cache_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    _check_hook_targets()
+    try:
+        register_radix_cache_backend(BACKEND_NAME, create_cache)
+    except ValueError:
+        pass  # already registered in this process
+    HookRegistry.register(ADD_CLI_ARGS, _add_cli_args, HookType.AFTER)
+    HookRegistry.register(FROM_CLI_ARGS, _map_cli_args, HookType.BEFORE)
+    _registered = True
+
+
+def _check_hook_targets() -> None:
+    """The hooks name SGLang internals: fail loudly if this SGLang moved them."""
+    import pkgutil
+
+    for target in (ADD_CLI_ARGS, FROM_CLI_ARGS):
+        try:
+            pkgutil.resolve_name(target)
+        except (ImportError, AttributeError) as exc:
+            raise RuntimeError(
+                f"hiradix: SGLang has no {target} (hiradix needs sglang==0.5.23)"
+            ) from exc
+
+
+def _add_cli_args(result: Any, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+    group = parser.add_argument_group("hiradix (hierarchical radix KV cache)")
+    group.add_argument(
+        "--enable-hiradix",
+        action="store_true",
+        help="Use hiradix as the prefix cache (GPU + host memory + Redis/NVMe tiers).",
+    )
+    group.add_argument(
+        "--hiradix-config",
+        type=str,
+        default=None,
+        help="hiradix YAML config (tier sizes, store, TTLs, policies). "
+        "Default: the embedded default config.",
+    )
+
+
+def _map_cli_args(cls: Any, args: argparse.Namespace, *rest: Any, **kwargs: Any) -> None:
+    if not getattr(args, "enable_hiradix", False):
+        if getattr(args, "hiradix_config", None):
+            raise SystemExit("error: --hiradix-config needs --enable-hiradix")
+        return
+    backend = getattr(args, "radix_cache_backend", None)
+    if backend not in (None, BACKEND_NAME):
+        raise SystemExit(
+            f"error: --enable-hiradix conflicts with --radix-cache-backend={backend!r}"
+        )
+    if getattr(args, "enable_hierarchical_cache", False):
+        raise SystemExit(
+            "error: --enable-hiradix replaces --enable-hierarchical-cache; "
+            "size hiradix's host tier in its config file instead"
+        )
+    args.radix_cache_backend = BACKEND_NAME
+    path = args.hiradix_config
+    from hiradix.config import ConfigError, load_config, load_default_config
+
+    try:
+        config = load_config(path) if path else load_default_config()
+    except ConfigError as exc:
+        raise SystemExit(f"error: hiradix config: {exc}") from None
+    os.environ[CONFIG_ENV] = os.path.abspath(path) if path else ""
+    logger.info("hiradix enabled with config %s", config.source)
+
+
+def load_process_config() -> Any:
+    """The config this SGLang process was started with (embedded default if none)."""
+    from hiradix.config import load_config, load_default_config
+
+    path = os.environ.get(CONFIG_ENV) or None
+    return load_config(path) if path else load_default_config()
+
+
+def create_cache(ctx: Any) -> Any:
+    """``RadixCacheFactory`` for SGLang's registry (runs in each scheduler process)."""
+    if ctx.is_hybrid_swa or ctx.is_hybrid_ssm or ctx.is_dsa:
+        raise ValueError(
+            "hiradix supports full-attention KV caches only; this model has sliding-window, "
+            "mamba or DSA state. Drop --enable-hiradix for it."
+        )
+    if ctx.enable_hierarchical_cache:
+        raise ValueError("hiradix replaces --enable-hierarchical-cache; drop that flag")
+    from hiradix.integration.sglang.factory import build_cache
+
+    return build_cache(ctx, load_process_config())
