@@ -25,6 +25,8 @@ from sglang.srt.mem_cache.base_prefix_cache import (
     EvictResult,
     IncLockRefResult,
     InitLoadBackParams,
+    InsertParams,
+    InsertResult,
     MatchPrefixParams,
     MatchResult,
 )
@@ -183,6 +185,25 @@ class HiRadixCache(BasePrefixCache):
         self.unlock(req.lock)
         req.lock = self.lock(node)
         req.last_node = node
+
+    def insert(self, params: InsertParams) -> InsertResult:
+        """Plain insert of (key, device indices), as SGLang's ``RadixCache.insert``: the
+        caller frees its own slots for the ``prefix_len`` already cached."""
+        if self.disable:
+            return InsertResult(prefix_len=0)
+        tokens = self._tokens(params.key)
+        values = params.value
+        if values is None:
+            values = torch.tensor(tokens, dtype=torch.int64)
+        outcome = self.tree.insert(
+            self._namespace(params.key),
+            tokens,
+            values[: len(tokens)],
+            inserted_len=params.inserted_len,
+            priority=params.priority or 0,
+        )
+        self._on_inserted(outcome.new_nodes)
+        return InsertResult(prefix_len=outcome.prefix_len, last_device_node=outcome.node)
 
     def _on_inserted(self, new_nodes: tuple[Node, ...]) -> None:
         """Hook for tiers below L1 (write-through demotion)."""
