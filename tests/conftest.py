@@ -8,3 +8,26 @@ import os
 # SGLANG-0.5.23.md section 6: the kernel flags are process-global).
 if os.environ.get("HIRADIX_GPU_TESTS") != "1":
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+# In-process tests import SGLang modules that import torchvision at module level; on a CPU
+# machine the import-only stand-in serves (never when a real torchvision is installed).
+import importlib.util  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+_STANDIN = Path(__file__).resolve().parent.parent / "cpu_standins" / "torchvision_standin"
+if importlib.util.find_spec("torchvision") is None and _STANDIN.is_dir():
+    sys.path.insert(0, str(_STANDIN))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=False)
+def sglang_context():
+    """A published dummy SGLang config for in-process tests of the release path."""
+    from sglang_sim import publish_test_config
+
+    override = publish_test_config()
+    yield
+    override.restore()
