@@ -426,9 +426,10 @@ class RadixTree:
             self.l2_leaves.discard(node)
 
     # ------------------------------------------------------------------ eviction
-    def evict_l1(self, num_tokens: int, *, keep: Callable[[Node], bool] | None = None) -> int:
+    def evict_l1(self, num_tokens: int, *, demote: Callable[[Node], bool] | None = None) -> int:
         """Drop device copies of unlocked leaves, in the eviction order, until
-        ``num_tokens`` are freed; nodes with a host copy stay in the tree as host-only."""
+        ``num_tokens`` are freed; nodes with a host copy stay in the tree as host-only.
+        ``demote`` (write-back) may give a victim a host copy just before it goes."""
         heap = [(self.order(n), n) for n in self.l1_leaves]
         heapq.heapify(heap)
         freed = 0
@@ -436,11 +437,50 @@ class RadixTree:
             _, node = heapq.heappop(heap)
             if node not in self.l1_leaves:
                 continue
-            freed += self._drop_l1(node)
+            if demote is not None and node.l2 is None and self.host_parent_ok(node):
+                demote(node)
             parent = node.parent
+            freed += self._drop_l1(node)
             if parent is not None and parent in self.l1_leaves:
                 heapq.heappush(heap, (self.order(parent), parent))
         return freed
+
+    def host_parent_ok(self, node: Node) -> bool:
+        """Whether ``node`` may get a host copy without breaking prefix closure."""
+        parent = node.parent
+        return parent is not None and (
+            parent.parent is None or parent.parent is self.root or parent.l2 is not None
+        )
+
+    def pin_l2(self, node: Node) -> None:
+        """Keep ``node``'s host copy while a load reads it (or a child is being added)."""
+        node.l2_pins += 1
+        self.l2_leaves.discard(node)
+
+    def unpin_l2(self, node: Node) -> None:
+        node.l2_pins -= 1
+        if node.parent is not None:
+            self._update_leaf(node)
+
+    def finish_ticket(self, node: Node, ticket: Ticket, ok: bool) -> None:
+        """The host write behind ``ticket`` (covering ``node`` and any upper pieces split
+        off it meanwhile) completed; on failure every piece drops its host slots."""
+        ticket.done = True
+        ticket.failed = not ok
+        top = node
+        while top.parent is not None and top.parent.l2_ticket is ticket:
+            top = top.parent
+        if ok:
+            cur: Optional[Node] = node
+            while cur is not None and cur.l2_ticket is ticket:
+                cur.l2_ticket = None
+                if cur.parent is not None:
+                    self._update_leaf(cur)
+                cur = cur.parent
+            if top.parent is not None:
+                self._update_leaf(top.parent)
+        elif top.parent is not None:
+            self._drop_host_subtree(top)
 
     def _drop_l1(self, node: Node) -> int:
         size = len(node)

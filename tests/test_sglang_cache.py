@@ -7,6 +7,8 @@ import random
 import pytest
 from sglang_sim import Scheduler, SimReq, idle_total, make_pools
 
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
 from hiradix.config import parse_config
 from hiradix.integration.sglang.cache import HiRadixCache
 
@@ -106,3 +108,126 @@ def test_disabled_cache_caches_nothing():
     assert sched.run(SimReq("b", list(range(40)))) == 0
     assert not cache.supports_prefix_sharing()
     assert idle_total(cache, pools) == pools.size
+
+
+# ---------------------------------------------------------------- host tier (L2)
+def make_tiered(page_size=1, size=256, host="4MiB", **cfg):
+    pools = make_pools(size=size, page_size=page_size)
+    config = parse_config({"host": {"size": host}, "store": {"kind": "none"}, **cfg})
+    cache = HiRadixCache(pools.params(page_size), config)
+    return cache, pools, Scheduler(cache, pools, page_size)
+
+
+def host_accounted(cache) -> bool:
+    return cache.slab.used_slots == cache.tree.l2_tokens
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+@pytest.mark.parametrize("policy", ["write_through", "write_through_selective", "write_back"])
+def test_host_tier_serves_evicted_prefixes_with_the_right_kv(page_size, policy):
+    """L1 holds a fraction of the working set, L2 all of it: the second pass loads back
+    from host, and every loaded page carries exactly the KV of its tokens."""
+    cache, pools, sched = make_tiered(page_size, size=256, write_policy=policy, write_through_hits=1)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(1000) for _ in range(60)] for _ in range(12)]
+    for i, p in enumerate(prompts):
+        sched.run(SimReq(f"a{i}", p))
+    assert cache.stats.counters["l1_to_l2_tokens"] > 0
+    hits = [sched.run(SimReq(f"b{i}", p)) for i, p in enumerate(prompts)]
+    aligned = 60 // page_size * page_size
+    assert all(h == aligned for h in hits), hits
+    snap = cache.stats_snapshot()
+    assert snap.counters["l2_hit_tokens"] > 0 and snap.counters["l2_to_l1_tokens"] > 0
+    assert idle_total(cache, pools) == pools.size
+    assert host_accounted(cache)
+    cache.tree.check_invariants()
+
+
+def test_host_full_degrades_to_recompute():
+    cache, pools, sched = make_tiered(size=256, host=96 * 2 * 2 * 2 * 4)  # 96 tokens of host
+    rng = random.Random(5)
+    prompts = [[rng.randrange(1000) for _ in range(60)] for _ in range(10)]
+    for rnd in range(2):
+        for i, p in enumerate(prompts):
+            sched.run(SimReq(f"{rnd}-{i}", p))
+            assert idle_total(cache, pools) == pools.size
+            assert host_accounted(cache)
+    assert cache.slab.used_slots <= cache.slab.num_slots
+    cache.tree.check_invariants()
+
+
+def test_flush_with_host_tier_frees_every_slot():
+    cache, pools, sched = make_tiered()
+    for i in range(8):
+        sched.run(SimReq(f"r{i}", list(range(i * 100, i * 100 + 50))))
+    assert cache.slab.used_slots > 0
+    cache.reset()
+    pools.req_to_token.clear()
+    pools.allocator.clear()
+    assert cache.slab.used_slots == 0 and cache.tree.l2_tokens == 0
+    assert idle_total(cache, pools) == pools.size
+
+
+class ManualCopier:
+    """Wraps the real CPU copier but completes device->host copies only when told to,
+    so that tests can observe copies in flight (a fault-injection stand-in for CUDA)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.pending = []
+
+    def device_to_host(self, device_idx, host_idx):
+        copier = self
+
+        class Handle:
+            finished = False
+            fail = False
+
+            def done(self):
+                return self.finished
+
+            def wait(self):
+                self.finished = True
+
+        handle = Handle()
+        self.pending.append((handle, device_idx.clone(), host_idx))
+        return handle
+
+    def complete(self, fail=False):
+        for handle, dev, host in self.pending:
+            if not fail:
+                self.inner.device_to_host(dev, host)
+            handle.finished = True
+        self.pending = []
+
+    def host_to_device(self, host_idx, device_idx):
+        return self.inner.host_to_device(host_idx, device_idx)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_in_flight_demotion_protects_device_slots(fail):
+    from hiradix.transfer import _FAILED
+
+    cache, pools, sched = make_tiered(size=256)
+    manual = ManualCopier(cache.engine.copier)
+    cache.engine.copier = manual
+    sched.run(SimReq("a", list(range(80))))
+    assert manual.pending, "a demotion should be in flight"
+    # in flight: the node's device slots are protected, the idle invariant still holds
+    assert cache.protected_size() == 84
+    assert idle_total(cache, pools) == pools.size
+    assert cache.evict(EvictParams(num_tokens=1000)).num_tokens_evicted == 0
+    if fail:  # the copy reports failure: the host copy is rolled back
+        cache.engine._copies = [(_FAILED, cb) for _, cb in cache.engine._copies]
+        manual.pending = []
+    else:
+        manual.complete()
+    cache.flush_pending_backups()
+    assert cache.protected_size() == 0
+    assert idle_total(cache, pools) == pools.size
+    assert host_accounted(cache)
+    if fail:
+        assert cache.tree.l2_tokens == 0 and cache.stats.counters["copy_failures"] > 0
+    else:
+        assert cache.tree.l2_tokens == 84
+    cache.tree.check_invariants()

@@ -32,7 +32,11 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from hiradix.tree import Node, RadixTree, TierTtl, TtlRules
+from hiradix.backends.host_slab import HostSlab
+from hiradix.kv_copy import LayerEvents, make_copier
+from hiradix.metrics import PrometheusExporter, Stats, StatsSnapshot
+from hiradix.transfer import TransferEngine
+from hiradix.tree import Node, RadixTree, Ticket, TierTtl, TtlRules
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -65,6 +69,8 @@ class HiRadixCache(BasePrefixCache):
         config: HiradixConfig,
         *,
         clock: Any = time.monotonic,
+        forward_stream: Any = None,
+        metric_labels: Optional[dict[str, str]] = None,
     ):
         self.disable = params.disable
         self.req_to_token_pool = params.req_to_token_pool
@@ -76,8 +82,11 @@ class HiRadixCache(BasePrefixCache):
         allocator = self.token_to_kv_pool_allocator
         dev = getattr(allocator, "device", "cpu") if allocator is not None else "cpu"
         self.device = torch.device(dev) if isinstance(dev, (str, torch.device)) else torch.device("cpu")
+        self.stats = Stats()
+        self.exporter: Optional[PrometheusExporter] = None
         if params.enable_metrics:
             self.init_metrics_collector()
+            self.exporter = PrometheusExporter(metric_labels)
         self.tree = RadixTree(
             self.page_size,
             eviction=config.eviction_policy.value,
@@ -85,9 +94,59 @@ class HiRadixCache(BasePrefixCache):
             clock=clock,
             free_l1=self._free_device,
         )
-        self.stats_l1_hit_tokens = 0
-        self.stats_l1_evicted_tokens = 0
+        self.write_policy = config.write_policy.value
+        self.forward_stream = forward_stream
+        self.slab: Optional[HostSlab] = None
+        self.engine = TransferEngine()
+        if not self.disable and allocator is not None:
+            self._init_host_tier(forward_stream)
+        self._pending_demote: list[Node] = []
+        self._loaded_by_rid: dict[str, int] = {}
         self.reset()
+
+    def _init_host_tier(self, forward_stream: Any) -> None:
+        """Size and allocate the host slab from the config and the device pool's shape."""
+        kv = self.token_to_kv_pool_allocator.get_kvcache()
+        device_k = getattr(kv, "k_buffer", None)
+        device_v = getattr(kv, "v_buffer", None)
+        if not device_k or not device_v:
+            logger.warning(
+                "hiradix: host tier disabled: KV pool %s has no per-layer K/V buffers",
+                type(kv).__name__,
+            )
+            return
+        l1_bytes = sum(t.numel() * t.element_size() for t in (*device_k, *device_v))
+        host_bytes = self.config.host.resolve_bytes(l1_bytes)
+        if host_bytes <= 0:
+            return
+        per_token = l1_bytes // device_k[0].shape[0]
+        slots = HostSlab.slots_for_bytes(host_bytes, per_token)
+        if slots < self.page_size:
+            logger.warning("hiradix: host tier of %d bytes holds no page; disabled", host_bytes)
+            return
+        k0, v0 = device_k[0], device_v[0]
+        self.slab = HostSlab(
+            slots,
+            layers=len(device_k),
+            heads=k0.shape[1],
+            head_dim=k0.shape[2],
+            v_head_dim=v0.shape[2],
+            dtype=k0.dtype,
+            page_size=self.page_size,
+            pin_memory=k0.is_cuda,
+        )
+        self.tree.free_l2 = self.slab.free
+        self.engine = TransferEngine(
+            make_copier(device_k, device_v, self.slab, **({"forward_stream": forward_stream} if k0.is_cuda and forward_stream is not None else {}))
+        )
+        self.stats.gauges["l2_total_slots"] = self.slab.num_slots
+        logger.info(
+            "hiradix: host tier %d slots (%.1f MiB, %d B/token, %s memory)",
+            slots,
+            slots * per_token / 2**20,
+            per_token,
+            "pinned" if k0.is_cuda else "plain",
+        )
 
     # ------------------------------------------------------------------ helpers
     def _free_device(self, values: torch.Tensor) -> None:
@@ -115,8 +174,14 @@ class HiRadixCache(BasePrefixCache):
 
     # ------------------------------------------------------------------ BasePrefixCache
     def reset(self) -> None:
-        """Drop every device reference without freeing (the scheduler clears its pools)."""
+        """Drop every device reference without freeing (the scheduler clears its pools).
+        Copies in flight finish first, so no slot is written after it is handed out again."""
+        self.engine.drain()
         self.tree.reset()
+        self._pending_demote = []
+        self._loaded_by_rid = {}
+        if self.slab is not None:
+            self.slab.clear()
         self._empty_indices = torch.empty((0,), dtype=torch.int64, device=self.device)
 
     def _empty_match(self) -> MatchResult:
@@ -131,6 +196,8 @@ class HiRadixCache(BasePrefixCache):
         tokens = self._tokens(params.key)
         if len(tokens) == 0:
             return self._empty_match()
+        if self.engine.in_flight:
+            self.engine.poll()
         found = self.tree.match(self._namespace(params.key), tokens)
         return MatchResult(
             device_prefix_len=found.l1_len,
@@ -166,12 +233,14 @@ class HiRadixCache(BasePrefixCache):
             inserted_len=kv.cache_inserted_len,
             priority=req.priority or 0,
         )
+        if kv.cache_inserted_len == 0:
+            self._count_admission(req)
         kv.cache_inserted_len = max(kv.cache_inserted_len, n)
         if outcome.prefix_len > kv.cache_protected_len:
             self.token_to_kv_pool_allocator.free_segment(
                 row[kv.cache_protected_len : outcome.prefix_len], start_pos=kv.cache_protected_len
             )
-        self._on_inserted(outcome.new_nodes)
+        self._on_inserted(outcome.node)
         node = outcome.node
         indices = self.path_device_indices(node)
         if len(indices) != n:
@@ -202,18 +271,123 @@ class HiRadixCache(BasePrefixCache):
             inserted_len=params.inserted_len,
             priority=params.priority or 0,
         )
-        self._on_inserted(outcome.new_nodes)
+        self._on_inserted(outcome.node)
         return InsertResult(prefix_len=outcome.prefix_len, last_device_node=outcome.node)
 
-    def _on_inserted(self, new_nodes: tuple[Node, ...]) -> None:
-        """Hook for tiers below L1 (write-through demotion)."""
+    def _count_admission(self, req: Req) -> None:
+        """Per-tier hit accounting, once per request at its first checkpoint."""
+        loaded = self._loaded_by_rid.pop(req.rid, 0)
+        self.stats.add("prompt_tokens", len(req.origin_input_ids))
+        self.stats.add("l1_hit_tokens", max(0, req.prefix_len - loaded))
+        self.stats.add("l2_hit_tokens", loaded)
+
+    def _on_inserted(self, node: Node) -> None:
+        """Queue the inserted path for write-through; ``flush_pending_backups`` submits it."""
+        if self.slab is not None and self.write_policy != "write_back":
+            self._pending_demote.append(node)
+
+    # ------------------------------------------------------------------ host tier
+    def _qualifies(self, node: Node) -> bool:
+        if self.write_policy == "write_through_selective":
+            return node.hits >= self.config.write_through_hits
+        return self.write_policy == "write_through"
+
+    def _host_slots(self, node: Node) -> Optional[torch.Tensor]:
+        """Host slots for ``node``, evicting unpinned host leaves (never its parent)."""
+        assert self.slab is not None
+        need = len(node)
+        slots = self.slab.alloc(need)
+        if slots is None:
+            parent = node.parent
+            assert parent is not None
+            self.tree.pin_l2(parent)
+            try:
+                freed = self.tree.evict_l2(need - self.slab.free_slots)
+                self.stats.add("l2_evicted_tokens", freed)
+            finally:
+                self.tree.unpin_l2(parent)
+            slots = self.slab.alloc(need)
+        if slots is None:
+            self.stats.add("l2_full_skips")
+        return slots
+
+    def _demote_path(self, last: Node) -> None:
+        """Write the path down to ``last`` through to host memory, top-down so that host
+        residency stays prefix-closed; stops at the first node that cannot go."""
+        for node in self.tree.path(last):
+            if node.l2 is not None:
+                continue
+            if node.l1 is None or not self._qualifies(node) or not self.tree.host_parent_ok(node):
+                return
+            slots = self._host_slots(node)
+            if slots is None:
+                return
+            ticket = Ticket()
+            self.tree.attach_l2(node, slots, ticket)
+            self.tree.lock(node)  # device slots stay put while the copy reads them
+            self.engine.demote(node.l1, slots, lambda ok, n=node, t=ticket: self._demoted(n, t, ok))
+
+    def _demoted(self, node: Node, ticket: Ticket, ok: bool) -> None:
+        size = len(node)
+        self.tree.unlock(node)
+        self.tree.finish_ticket(node, ticket, ok)
+        if ok:
+            self.stats.add("l1_to_l2_tokens", size)
+            self.stats.add("d2h_bytes", size * self.slab.bytes_per_token if self.slab else 0)
+        else:
+            self.stats.add("copy_failures")
+
+    def _write_back(self, node: Node) -> bool:
+        """Write-back policy: give an L1 victim a host copy right before it is dropped."""
+        if self.slab is None:
+            return False
+        slots = self._host_slots(node)
+        if slots is None:
+            return False
+        assert self.engine.copier is not None
+        self.engine.copier.device_to_host(node.l1, slots).wait()
+        self.tree.attach_l2(node, slots, None)
+        self.stats.add("l1_to_l2_tokens", len(node))
+        self.stats.add("d2h_bytes", len(node) * self.slab.bytes_per_token)
+        return True
+
+    def _service(self) -> None:
+        """Scheduler-thread housekeeping: completions, queued demotions, TTL, gauges."""
+        self.engine.poll()
+        if self._pending_demote:
+            pending, self._pending_demote = self._pending_demote, []
+            for node in pending:
+                if node.parent is not None:
+                    self._demote_path(node)
+        before = dict(self.tree.expired_tokens)
+        self.tree.sweep()
+        self.stats.add("l1_expired_tokens", self.tree.expired_tokens["l1"] - before["l1"])
+        self.stats.add("l2_expired_tokens", self.tree.expired_tokens["l2"] - before["l2"])
+        gauges = self.stats.gauges
+        gauges["l1_tokens"] = self.tree.l1_total()
+        gauges["l1_protected_tokens"] = self.tree.protected_tokens
+        gauges["l2_used_slots"] = self.slab.used_slots if self.slab is not None else 0
+        gauges["in_flight"] = self.engine.in_flight
+        if self.exporter is not None:
+            self.exporter.export(self.stats)
+
+    def flush_pending_backups(self) -> None:
+        if not self.disable:
+            self._service()
+
+    def stats_snapshot(self) -> StatsSnapshot:
+        """Counters and gauges of this cache (Python API; Prometheus mirrors them)."""
+        return self.stats.snapshot()
 
     def evict(self, params: EvictParams) -> EvictResult:
         if self.disable:
             return EvictResult()
         start = time.perf_counter()
-        freed = self.tree.evict_l1(params.num_tokens)
-        self.stats_l1_evicted_tokens += freed
+        if self.engine.in_flight:
+            self.engine.poll()
+        demote = self._write_back if self.write_policy == "write_back" else None
+        freed = self.tree.evict_l1(params.num_tokens, demote=demote)
+        self.stats.add("l1_evicted_tokens", freed)
         self.update_eviction_metrics(freed, start)
         return EvictResult(num_tokens_evicted=freed)
 
@@ -264,14 +438,68 @@ class HiRadixCache(BasePrefixCache):
         return not self.disable
 
     def init_load_back(self, params: InitLoadBackParams) -> Optional[tuple[int, Any]]:
-        # No host tier in this class: match_prefix never reports host hits.
-        return 0, params.best_match_node
+        """Bring the host-only run ending at ``best_match_node`` back to device. Returns
+        ``(tokens, node)``, ``(0, device anchor)`` when the run changed since the match, or
+        ``None`` when device memory cannot be had now (the scheduler retries)."""
+        node: Node = params.best_match_node
+        run: list[Node] = []
+        cur = node
+        while cur.l1 is None and cur.parent is not None and cur.parent is not self.tree.root:
+            run.append(cur)
+            cur = cur.parent
+        anchor = cur
+        run.reverse()
+        total = sum(len(x) for x in run)
+        if self.slab is None or total == 0 or total != params.host_hit_length or node.parent is None:
+            return 0, anchor
+        if any(not x.l2_ready for x in run):
+            return 0, anchor
+        for x in run:
+            self.tree.pin_l2(x)
+        try:
+            allocator = self.token_to_kv_pool_allocator
+            if allocator.available_size() < total:
+                self.tree.lock(anchor)
+                try:
+                    self.evict(EvictParams(num_tokens=total - allocator.available_size()))
+                finally:
+                    self.tree.unlock(anchor)
+            device_idx = allocator.alloc(total)
+            if device_idx is None:
+                return None
+            host_idx = torch.cat([x.l2 for x in run]) if len(run) > 1 else run[0].l2
+            handle = self.engine.load(host_idx, device_idx)
+            if isinstance(handle, LayerEvents) and self.forward_stream is not None:
+                # the forward stream waits on the GPU; the host rows were read already
+                self.forward_stream.wait_event(handle.events[-1])
+            else:
+                handle.wait()
+            offset = 0
+            for x in run:
+                self.tree.attach_l1(x, device_idx[offset : offset + len(x)])
+                offset += len(x)
+        finally:
+            for x in run:
+                self.tree.unpin_l2(x)
+        self.stats.add("l2_to_l1_tokens", total)
+        self.stats.add("h2d_bytes", total * self.slab.bytes_per_token)
+        if params.req is not None:
+            rid = params.req.rid
+            self._loaded_by_rid[rid] = self._loaded_by_rid.get(rid, 0) + total
+        return total, node
+
+    def release_aborted_request(self, handle: Any) -> None:
+        self._loaded_by_rid.pop(getattr(handle, "rid", None), None)
 
     def ready_to_load_host_cache(self) -> int:
         return -1
 
     def check_hicache_events(self) -> None:
-        return None
+        if not self.disable:
+            self._service()
+
+    def release_host_resources(self) -> None:
+        self.engine.shutdown()
 
     def pop_prefetch_loaded_tokens(self, handle: Any) -> int:
         return 0

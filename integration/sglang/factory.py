@@ -11,7 +11,13 @@ logger = logging.getLogger(__name__)
 
 
 def build_cache(ctx: Any, config: Any) -> HiRadixCache:
-    cache = HiRadixCache(ctx.params, config)
+    runner = getattr(ctx.tp_worker, "model_runner", None)
+    cache = HiRadixCache(
+        ctx.params,
+        config,
+        forward_stream=getattr(runner, "forward_stream", None),
+        metric_labels={"tp_rank": str(ctx.tp_rank)},
+    )
     logger.info(
         "hiradix: tree ready (page_size=%d, eviction=%s, tp_rank=%d/%d, config=%s)",
         cache.page_size,

@@ -1,0 +1,86 @@
+"""L2: a pre-allocated host buffer of page-sized slots with its own slot allocator.
+
+Layout: ``k`` and ``v`` are ``[layers, slots, heads, head_dim]`` tensors in the device
+pool's storage dtype, so a page copy is one index copy per layer. Memory is plain on a CPU
+engine and pinned when the device is CUDA (page-locked memory is what lets a copy run on a
+side stream without a staging buffer). Running out of slots returns ``None``: the tree
+then evicts host leaves or skips the demotion; it is never an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class HostSlab:
+    """Host-memory slots for KV pages. Called only on the scheduler thread."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        *,
+        layers: int,
+        heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        page_size: int = 1,
+        pin_memory: bool = False,
+        v_head_dim: Optional[int] = None,
+    ):
+        if page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {page_size}")
+        num_slots -= num_slots % page_size
+        if num_slots <= 0:
+            raise ValueError(f"host tier too small: {num_slots} slots for page size {page_size}")
+        self.page_size = page_size
+        self.num_slots = num_slots
+        self.layers = layers
+        shape = (layers, num_slots, heads, head_dim)
+        v_shape = (layers, num_slots, heads, v_head_dim or head_dim)
+        self.k = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
+        self.v = torch.empty(v_shape, dtype=dtype, pin_memory=pin_memory)
+        self.bytes_per_token = (self.k[:, 0].numel() + self.v[:, 0].numel()) * self.k.element_size()
+        self.clear()
+
+    @staticmethod
+    def slots_for_bytes(nbytes: int, bytes_per_token: int) -> int:
+        return max(0, nbytes // max(1, bytes_per_token))
+
+    def clear(self) -> None:
+        """Every slot free again (used by flush: the tree forgot all nodes)."""
+        pages = self.num_slots // self.page_size
+        self._free_pages = torch.arange(pages - 1, -1, -1, dtype=torch.int64).tolist()
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_pages) * self.page_size
+
+    @property
+    def used_slots(self) -> int:
+        return self.num_slots - self.free_slots
+
+    def alloc(self, n: int) -> Optional[torch.Tensor]:
+        """``n`` slots (a multiple of the page size), or ``None`` if they do not fit."""
+        if n % self.page_size:
+            raise ValueError(f"host alloc of {n} slots is not a multiple of page {self.page_size}")
+        pages = n // self.page_size
+        if pages > len(self._free_pages):
+            return None
+        taken = self._free_pages[len(self._free_pages) - pages :]
+        del self._free_pages[len(self._free_pages) - pages :]
+        starts = torch.tensor(taken, dtype=torch.int64) * self.page_size
+        if self.page_size == 1:
+            return starts
+        offsets = torch.arange(self.page_size, dtype=torch.int64)
+        return (starts[:, None] + offsets[None, :]).reshape(-1)
+
+    def free(self, slots: torch.Tensor) -> None:
+        if len(slots) == 0:
+            return
+        pages = slots.reshape(-1)[:: self.page_size] // self.page_size
+        self._free_pages.extend(pages.tolist())
