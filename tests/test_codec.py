@@ -1,0 +1,186 @@
+"""The L3 page format: round trips, every kind of corruption, byte-plane compression."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hiradix.codec import (
+    DTYPE_SIZES,
+    PageMeta,
+    decode_page,
+    encode_page,
+    inspect_page,
+    page_codec,
+    verify_page,
+)
+from hiradix.errors import CorruptPage
+
+logger = logging.getLogger(__name__)
+
+NS = bytes(range(16))
+KEY = bytes.fromhex("ab" * 32)
+CODECS = ["none", "zstd"]
+
+
+def meta_for(dtype: str, nbytes: int, key: bytes = KEY, ns: bytes = NS) -> PageMeta:
+    return PageMeta(
+        dtype=dtype,
+        layout="layer_kv_token_head_dim",
+        shape=(nbytes // DTYPE_SIZES[dtype],),
+        namespace=ns,
+        page_key=key,
+    )
+
+
+def kv_like(n_values: int, seed: int = 0) -> np.ndarray:
+    """bf16 bit patterns of normally distributed values (as uint16)."""
+    values = np.random.default_rng(seed).normal(0, 1, n_values).astype(np.float32)
+    return (values.view(np.uint32) >> 16).astype(np.uint16)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("dtype", sorted(DTYPE_SIZES))
+def test_round_trip_every_dtype(dtype: str, codec: str) -> None:
+    size = DTYPE_SIZES[dtype]
+    raw = np.random.default_rng(1).integers(0, 256, 4096 * size, dtype=np.uint8).tobytes()
+    meta = PageMeta(dtype, "layer_kv_token_head_dim", (2, 2, 16, 4, 16), NS, KEY)
+    blob = encode_page(raw, meta, codec=codec)
+    assert decode_page(blob, meta) == raw
+    assert verify_page(blob) == meta
+    assert inspect_page(blob) == meta
+    assert page_codec(blob) == codec
+
+
+@given(data=st.binary(max_size=2048), dtype=st.sampled_from(sorted(DTYPE_SIZES)),
+       codec=st.sampled_from(CODECS), key=st.binary(max_size=40), level=st.integers(1, 9))  # fmt: skip
+@settings(max_examples=150, deadline=None)
+def test_round_trip_arbitrary_bytes(
+    data: bytes, dtype: str, codec: str, key: bytes, level: int
+) -> None:
+    data = data[: len(data) - len(data) % DTYPE_SIZES[dtype]]
+    meta = meta_for(dtype, len(data), key=key)
+    blob = encode_page(data, meta, codec=codec, level=level)
+    assert decode_page(blob, meta) == data
+
+
+def test_accepts_numpy_and_memoryview() -> None:
+    arr = kv_like(1024).reshape(4, 256)
+    meta = PageMeta("bfloat16", "l", (4, 256), NS, KEY)
+    for raw in (arr, memoryview(arr), arr.tobytes()):
+        assert decode_page(encode_page(raw, meta, codec="zstd"), meta) == arr.tobytes()
+
+
+def test_length_must_match_shape() -> None:
+    with pytest.raises(ValueError, match="needs"):
+        encode_page(b"\0" * 10, meta_for("float16", 12), codec="none")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"dtype": "complex64"},
+        {"namespace": b"short"},
+        {"layout": "é"},
+        {"shape": (-1,)},
+    ],
+)
+def test_bad_meta_raises_value_error(kwargs: dict[str, object]) -> None:
+    base = {"dtype": "float16", "layout": "l", "shape": (4,), "namespace": NS, "page_key": KEY}
+    base.update(kwargs)
+    with pytest.raises(ValueError):
+        PageMeta(**base)  # type: ignore[arg-type]
+
+
+def test_unknown_codec_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="codec"):
+        encode_page(b"\0\0", meta_for("float16", 2), codec="lz4")
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_every_flipped_byte_is_detected(codec: str) -> None:
+    raw = kv_like(512).tobytes()
+    meta = meta_for("bfloat16", len(raw))
+    blob = encode_page(raw, meta, codec=codec)
+    for pos in range(len(blob)):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x01 << (pos % 8)
+        with pytest.raises(CorruptPage):
+            decode_page(bytes(bad), meta)
+        with pytest.raises(CorruptPage):
+            verify_page(bytes(bad))
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_truncation_and_extension_are_detected(codec: str) -> None:
+    raw = kv_like(512).tobytes()
+    meta = meta_for("bfloat16", len(raw))
+    blob = encode_page(raw, meta, codec=codec)
+    for cut in (0, 3, 20, 60, len(blob) // 2, len(blob) - 1):
+        with pytest.raises(CorruptPage):
+            decode_page(blob[:cut], meta)
+    with pytest.raises(CorruptPage):
+        decode_page(blob + b"\0", meta)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("namespace", bytes(16), "namespace"),
+        ("page_key", b"other", "page_key"),
+        ("dtype", "float16", "dtype"),
+        ("layout", "other_layout", "layout"),
+        ("shape", (2, 256), "shape"),
+    ],
+)
+def test_wrong_expectation_is_detected(field: str, value: object, reason: str) -> None:
+    raw = kv_like(512).tobytes()
+    meta = meta_for("bfloat16", len(raw))
+    blob = encode_page(raw, meta, codec="zstd")
+    fields = {f: getattr(meta, f) for f in ("dtype", "layout", "shape", "namespace", "page_key")}
+    fields[field] = value
+    with pytest.raises(CorruptPage, match=reason):
+        decode_page(blob, PageMeta(**fields))  # type: ignore[arg-type]
+
+
+def test_not_a_page() -> None:
+    with pytest.raises(CorruptPage, match="magic"):
+        verify_page(b"GARBAGE" * 20)
+    with pytest.raises(CorruptPage, match="truncated"):
+        verify_page(b"HRDX")
+
+
+def test_byte_planes_compress_bf16_better() -> None:
+    import zstandard
+
+    raw = kv_like(256 * 1024).tobytes()
+    meta = meta_for("bfloat16", len(raw))
+    planes = len(encode_page(raw, meta, codec="zstd"))
+    plain = len(zstandard.ZstdCompressor(level=3).compress(raw))
+    assert planes < 0.95 * plain, (planes, plain, len(raw))
+    assert planes < len(raw)
+
+
+def test_threads_share_nothing() -> None:
+    raw = kv_like(64 * 1024).tobytes()
+    meta = meta_for("bfloat16", len(raw))
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(10):
+                assert decode_page(encode_page(raw, meta, codec="zstd"), meta) == raw
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
