@@ -153,6 +153,7 @@ class StoreConfig:
     kind: StoreKind
     presence_ttl: float
     write_queue_pages: int
+    block_tokens: int
     nvme: NvmeConfig
     redis: RedisConfig
     memory: MemoryStoreConfig
@@ -394,6 +395,10 @@ _FIELDS: tuple[_Field, ...] = (
     _F("store.write_queue_pages", 4096, int_parser(1),
        "Most pages waiting to be written to L3; more are dropped (and counted).",
        lambda c: c.store.write_queue_pages),
+    _F("store.block_tokens", 64, int_parser(1, 65536),
+       "Tokens per L3 page (a multiple of SGLang's --page-size). Larger pages mean fewer "
+       "store round trips; smaller ones match shorter shared prefixes.",
+       lambda c: c.store.block_tokens),
     _F("store.nvme.path", "./.hiradix/pages", _P_PATH,
        "Directory of the NVMe page files. Relative to the config file's directory, except "
        "for the embedded default, which uses the working directory.",
@@ -460,7 +465,7 @@ _FIELDS: tuple[_Field, ...] = (
        ValueParser(_parse_options, "mapping", "a mapping with string keys"),
        "Keyword arguments for the policy's constructor.",
        lambda c: _thaw(c.prefetch.options)),
-    _F("prefetch.wait", "best_effort", enum_parser(WaitMode),
+    _F("prefetch.wait", "timeout", enum_parser(WaitMode),
        "Whether a request waits for its L3 prefetch.", lambda c: c.prefetch.wait.value),
     _F("prefetch.timeout", "50ms", duration_parser(),
        "Base wait for wait: timeout.", lambda c: format_duration(c.prefetch.timeout)),
@@ -582,6 +587,7 @@ def _build(v: Mapping[str, Any], source: str, base_dir: str) -> HiradixConfig:
             kind=v["store.kind"],
             presence_ttl=v["store.presence_ttl"],
             write_queue_pages=v["store.write_queue_pages"],
+            block_tokens=v["store.block_tokens"],
             nvme=NvmeConfig(nvme_path, v["store.nvme.size"], v["store.nvme.fsync"]),
             redis=redis,
             memory=MemoryStoreConfig(size_bytes=v["store.memory.size"]),

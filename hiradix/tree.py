@@ -527,6 +527,45 @@ class RadixTree:
                 self._update_leaf(node.parent)
         return size
 
+    def insert_host(
+        self, namespace: Hashable, tokens: array, start: int, slots: Any
+    ) -> tuple[int, list[Any]]:
+        """Record host copies fetched from L3 for ``tokens[start:]`` (``slots[i]`` holds
+        ``tokens[start + i]``) below the cached path of ``tokens[:start]``. Returns the
+        number of tokens newly recorded and the slot pieces the caller must free (already
+        cached, or all of them when the path to ``start`` is no longer in the tree)."""
+        node = self._ns_root(namespace, create=True)
+        assert node is not None
+        n = len(tokens)
+        pos = 0
+        unused: list[Any] = []
+        while pos < n:
+            child = node.children.get(self._child_key(tokens, pos))
+            if child is None:
+                break
+            matched = common_prefix_len(child.tokens, tokens, pos)
+            matched -= matched % self.page_size
+            if matched == 0:
+                break
+            if matched < len(child.tokens):
+                child = self._split(child, matched)
+            if pos + matched > start:
+                unused.append(slots[max(pos, start) - start : pos + matched - start])
+            pos += matched
+            node = child
+        if pos < start:
+            return 0, [slots]
+        if pos >= n:
+            return 0, unused
+        self._tick += 1
+        child = self._new_node(tokens[pos:n], node)
+        node.children[self._child_key(tokens, pos)] = child
+        child.l2 = slots[pos - start :]
+        self.l2_tokens += len(child)
+        self._update_leaf(child)
+        self._update_leaf(node)
+        return n - pos, unused
+
     def attach_l2(self, node: Node, slots: Any, ticket: Optional[Ticket]) -> None:
         """Record host slots for ``node`` (filled when ``ticket`` completes)."""
         if node.l2 is not None:
@@ -701,7 +740,8 @@ class RadixTree:
             if parent is not self.root and node.l1 is not None and len(parent) > 0:
                 assert parent.l1 is not None, f"L1 not prefix-closed at {node!r}"
             if parent is not self.root and node.l2 is not None and len(parent) > 0:
-                assert parent.l2 is not None, f"L2 not prefix-closed at {node!r}"
+                # host copies fetched from L3 may hang below a device-only parent
+                assert parent.l2 is not None or parent.l1 is not None, f"orphan host copy {node!r}"
             if len(node) and node.l1 is None and node.l2 is None:
                 raise AssertionError(f"non-resident node kept: {node!r}")
             if node.l1 is not None:

@@ -62,6 +62,7 @@ class SimReq:
         self.skip_radix_cache_insert = False
         self.finished_reason = "length"
         self.finished_len = None
+        self.storage_hit = 0
 
     def owned_kv_len(self) -> int:
         return self.kv.kv_committed_len
@@ -142,6 +143,32 @@ class Scheduler:
         req.kv.cache_protected_len = req.prefix_len
         return req.prefix_len
 
+    def arrive(self, req: SimReq, timeout: float = 10.0) -> None:
+        """Arrival as the scheduler does it with storage prefetch on: match, hand the rest
+        of the prompt to ``prefetch_from_storage``, then wait at the admission gate."""
+        if not getattr(self.cache, "wants_storage_prefetch", False):
+            return
+        import time
+        from types import SimpleNamespace
+
+        matched = self.match(req)
+        self.cache.unlock(None)
+        ids = req.full_untruncated_fill_ids
+        handle = SimpleNamespace(rid=req.rid, attempt_id=0)
+        self.cache.prefetch_from_storage(
+            handle,
+            req.last_node,
+            ids[matched:],
+            matched_prefix_tokens=ids[:matched],
+            extra_key=req.extra_key,
+            cache_salt=None,
+        )
+        deadline = time.monotonic() + timeout
+        while not self.cache.check_prefetch_progress(handle):
+            assert time.monotonic() < deadline, "prefetch never became ready"
+            time.sleep(0.005)
+        req.storage_hit = self.cache.pop_prefetch_loaded_tokens(handle)
+
     def admit(self, req: SimReq, new_tokens: int = 4) -> None:
         """Match, lock, allocate and run the 'forward' for prompt + ``new_tokens``."""
         self.match(req)
@@ -193,6 +220,7 @@ class Scheduler:
         self.cache.flush_pending_backups()
 
     def run(self, req: SimReq, new_tokens: int = 4) -> int:
+        self.arrive(req)
         self.admit(req, new_tokens)
         self.release(req)
         return req.prefix_len

@@ -280,3 +280,19 @@ TestTreeMachine.settings = settings(max_examples=60, stateful_step_count=40, dea
 def test_bad_page_size():
     with pytest.raises(ValueError, match="page_size"):
         RadixTree(0)
+
+
+def test_insert_host_below_cached_path_and_duplicates():
+    tree, pool, host = make_tree()
+    a = seq(1, 2, 3, 4)
+    tree.insert(None, a, pool.alloc(None, a))
+    full = seq(1, 2, 3, 4, 5, 6, 7, 8)
+    slots = host.alloc(None, full[2:])  # fetched from tokens[2:]: 2 overlap the device path
+    added, unused = tree.insert_host(None, full, 2, slots)
+    assert added == 4 and [list(u) for u in unused] == [slots[:2]]
+    m = tree.match(None, full)
+    assert (m.l1_len, m.host_len) == (4, 4)
+    tree.check_invariants()
+    # a path that vanished takes nothing
+    added, unused = tree.insert_host(None, seq(9, 9, 9, 9), 2, [100, 101])
+    assert added == 0 and unused == [[100, 101]]

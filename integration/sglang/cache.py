@@ -35,6 +35,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from hiradix.backends.host_slab import HostSlab
 from hiradix.kv_copy import LayerEvents, make_copier
 from hiradix.metrics import PrometheusExporter, Stats, StatsSnapshot
+from hiradix.storage_tier import StorageTier, agreed, wait_ready
 from hiradix.transfer import TransferEngine
 from hiradix.tree import Node, RadixTree, Ticket, TierTtl, TtlRules
 
@@ -71,6 +72,8 @@ class HiRadixCache(BasePrefixCache):
         clock: Any = time.monotonic,
         forward_stream: Any = None,
         metric_labels: Optional[dict[str, str]] = None,
+        model_id: str = "model",
+        tp_group: Any = None,
     ):
         self.disable = params.disable
         self.req_to_token_pool = params.req_to_token_pool
@@ -101,8 +104,66 @@ class HiRadixCache(BasePrefixCache):
         if not self.disable and allocator is not None:
             self._init_host_tier(forward_stream)
         self._pending_demote: list[Node] = []
+        self._pending_save: list[Node] = []
         self._loaded_by_rid: dict[str, int] = {}
+        self._l3_by_rid: dict[str, int] = {}
+        self._l3_to_report: dict[str, int] = {}
+        self.tp_group = tp_group
+        self.storage: Optional[StorageTier] = None
+        if self.slab is not None and config.store.kind.value != "none":
+            self._init_store(model_id)
         self.reset()
+
+    # SGLang reads these on the storage-prefetch path (SGLANG-0.5.23.md section 2)
+    hicache_storage_pass_prefix_keys = False
+
+    @property
+    def wants_storage_prefetch(self) -> bool:
+        """Whether the scheduler should call the storage-prefetch hooks on arrival."""
+        return self.storage is not None
+
+    def _init_store(self, model_id: str) -> None:
+        from hiradix.backends.base import make_key
+        from hiradix.backends.lazy import LazyStore
+        from hiradix.backends.registry import create_store
+        from hiradix.breaker import CircuitBreaker
+
+        store_cfg = self.config.store
+        kind = store_cfg.kind.value
+        prefix = store_cfg.redis.key_prefix if kind == "redis" else "hiradix:"
+        store = LazyStore(lambda: create_store(store_cfg), f"{kind} store")
+        ttl = self.config.ttl.store
+        assert self.slab is not None
+        self.storage = StorageTier(
+            store,
+            self.engine,
+            self.slab,
+            self.tree,
+            stats=self.stats,
+            model_id=model_id,
+            tenant=self.config.namespace,
+            make_key=lambda ns_hex, key_hex: make_key(prefix, ns_hex, key_hex),
+            block_tokens=store_cfg.block_tokens,
+            codec=self.config.compression.codec.value,
+            level=self.config.compression.level,
+            ttl=ttl.seconds,
+            sliding=ttl.mode.value == "sliding",
+            presence_ttl=store_cfg.presence_ttl,
+            write_queue_pages=store_cfg.write_queue_pages,
+            breaker=CircuitBreaker(),
+        )
+        self.storage.insert_late = self._tp_size() == 1
+        logger.info("hiradix: L3 %s store, %d-token pages, model id %s", kind, store_cfg.block_tokens, model_id)
+
+    def _tp_size(self) -> int:
+        if self.tp_group is None:
+            return 1
+        return torch.distributed.get_world_size(group=self.tp_group)
+
+    def _reduce_min(self, values: list[int]) -> list[int]:
+        tensor = torch.tensor(values, dtype=torch.int64)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN, group=self.tp_group)
+        return tensor.tolist()
 
     def _init_host_tier(self, forward_stream: Any) -> None:
         """Size and allocate the host slab from the config and the device pool's shape."""
@@ -179,7 +240,10 @@ class HiRadixCache(BasePrefixCache):
         self.engine.drain()
         self.tree.reset()
         self._pending_demote = []
+        self._pending_save = []
         self._loaded_by_rid = {}
+        if self.storage is not None:
+            self.storage.reset()
         if self.slab is not None:
             self.slab.clear()
         self._empty_indices = torch.empty((0,), dtype=torch.int64, device=self.device)
@@ -277,9 +341,11 @@ class HiRadixCache(BasePrefixCache):
     def _count_admission(self, req: Req) -> None:
         """Per-tier hit accounting, once per request at its first checkpoint."""
         loaded = self._loaded_by_rid.pop(req.rid, 0)
+        from_l3 = min(loaded, self._l3_by_rid.pop(req.rid, 0))
         self.stats.add("prompt_tokens", len(req.origin_input_ids))
         self.stats.add("l1_hit_tokens", max(0, req.prefix_len - loaded))
-        self.stats.add("l2_hit_tokens", loaded)
+        self.stats.add("l2_hit_tokens", loaded - from_l3)
+        self.stats.add("l3_hit_tokens", from_l3)
 
     def _on_inserted(self, node: Node) -> None:
         """Queue the inserted path for write-through; ``flush_pending_backups`` submits it."""
@@ -334,6 +400,8 @@ class HiRadixCache(BasePrefixCache):
         if ok:
             self.stats.add("l1_to_l2_tokens", size)
             self.stats.add("d2h_bytes", size * self.slab.bytes_per_token if self.slab else 0)
+            if self.storage is not None:
+                self._pending_save.append(node)
         else:
             self.stats.add("copy_failures")
 
@@ -347,6 +415,8 @@ class HiRadixCache(BasePrefixCache):
         assert self.engine.copier is not None
         self.engine.copier.device_to_host(node.l1, slots).wait()
         self.tree.attach_l2(node, slots, None)
+        if self.storage is not None:
+            self._pending_save.append(node)
         self.stats.add("l1_to_l2_tokens", len(node))
         self.stats.add("d2h_bytes", len(node) * self.slab.bytes_per_token)
         return True
@@ -359,6 +429,12 @@ class HiRadixCache(BasePrefixCache):
             for node in pending:
                 if node.parent is not None:
                     self._demote_path(node)
+        if self._pending_save:
+            pending_save, self._pending_save = self._pending_save, []
+            assert self.storage is not None
+            for node in _deepest(pending_save):
+                if node.parent is not None and node.l2_ready:
+                    self.storage.save_path(node)
         before = dict(self.tree.expired_tokens)
         self.tree.sweep()
         self.stats.add("l1_expired_tokens", self.tree.expired_tokens["l1"] - before["l1"])
@@ -489,7 +565,79 @@ class HiRadixCache(BasePrefixCache):
         return total, node
 
     def release_aborted_request(self, handle: Any) -> None:
-        self._loaded_by_rid.pop(getattr(handle, "rid", None), None)
+        rid = getattr(handle, "rid", None)
+        self._loaded_by_rid.pop(rid, None)
+        self._l3_by_rid.pop(rid, None)
+        self._l3_to_report.pop(rid, None)
+        if self.storage is not None and rid is not None:
+            self.storage.forget(rid)
+
+    # ------------------------------------------------------------------ L3 prefetch hooks
+    def is_backuped(self, node: Any) -> bool:
+        return True  # hiradix looks L3 up for whatever follows the local match
+
+    def is_root(self, node: Any) -> bool:
+        return node is self.tree.root or self.tree.is_root(node)
+
+    def get_last_hash_value(self, node: Any) -> None:
+        return None
+
+    def get_prefix_hash_values(self, node: Any) -> None:
+        return None
+
+    def prefetch_from_storage(
+        self,
+        handle: Any,
+        last_host_node: Any,
+        new_input_tokens: Any,
+        last_hash: Any = None,
+        prefix_keys: Any = None,
+        *,
+        matched_prefix_tokens: Any = (),
+        extra_key: Any = None,
+        cache_salt: Any = None,
+        storage_hit_end: Any = None,
+        **kwargs: Any,
+    ) -> bool:
+        """Arrival: look up in L3 what follows the request's local (L1 + L2) match."""
+        if self.storage is None or self.disable:
+            return False
+        tokens = array("q", matched_prefix_tokens)
+        tokens.extend(new_input_tokens)
+        local = len(matched_prefix_tokens)
+        return self.storage.prefetch(handle.rid, (extra_key, cache_salt or None), tokens, local)
+
+    def check_prefetch_progress(self, handle: Any) -> bool:
+        """Admission gate: whether the request may be scheduled now (per the wait mode).
+        Every TP rank reaches this call for the same request, so the decision and the
+        number of pages taken are MIN-reduced before anything changes in the tree."""
+        if self.storage is None:
+            return True
+        self.engine.poll()
+        state = self.storage.prefetches.get(handle.rid)
+        prefetch = self.config.prefetch
+        budget = prefetch.wait_budget(len(state.tokens)) if state is not None else 0.0
+        ready = wait_ready(prefetch.wait.value, state, budget, self.clock())
+        multi = self._tp_size() > 1
+        reduce = self._reduce_min if multi else None
+        if state is None:
+            return True
+        ready_pages = agreed([int(ready), len(state.pages) if state.done else 0], reduce)
+        if not ready_pages[0]:
+            return False
+        self.storage.prefetches.pop(handle.rid, None)
+        if state.done:
+            del state.pages[ready_pages[1] :]
+            added = self.storage.materialize(state)
+            if added:
+                self._l3_by_rid[handle.rid] = added
+                self._l3_to_report[handle.rid] = added
+        else:
+            state.abandoned = True
+        return True
+
+    def pop_prefetch_loaded_tokens(self, handle: Any) -> int:
+        return self._l3_to_report.pop(getattr(handle, "rid", None), 0)
 
     def ready_to_load_host_cache(self) -> int:
         return -1
@@ -500,6 +648,27 @@ class HiRadixCache(BasePrefixCache):
 
     def release_host_resources(self) -> None:
         self.engine.shutdown()
+        if self.storage is not None:
+            try:
+                self.storage.store.close()
+            except Exception:  # closing a store that never connected
+                pass
 
-    def pop_prefetch_loaded_tokens(self, handle: Any) -> int:
-        return 0
+
+
+def _deepest(nodes: list[Node]) -> list[Node]:
+    """Drop nodes that are ancestors of another node in the list (their path is saved
+    with the descendant's)."""
+    ancestors: set[int] = set()
+    for node in nodes:
+        cur = node.parent
+        while cur is not None and id(cur) not in ancestors:
+            ancestors.add(id(cur))
+            cur = cur.parent
+    seen: set[int] = set()
+    out = []
+    for node in nodes:
+        if id(node) not in ancestors and id(node) not in seen:
+            seen.add(id(node))
+            out.append(node)
+    return out

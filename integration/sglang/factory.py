@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
 from hiradix.integration.sglang.cache import HiRadixCache
 
 logger = logging.getLogger(__name__)
+
+
+def model_identity(ctx: Any) -> str:
+    """What makes KV reusable across servers: the model (architecture, its config's
+    digest, dtype) and this rank's shard of it. Two servers share L3 pages only when this
+    string and the tenant namespace match."""
+    mc = getattr(ctx, "model_config", None)
+    hf = getattr(mc, "hf_config", None)
+    try:
+        hf_text = hf.to_json_string(use_diff=False) if hf is not None else ""
+    except Exception:  # a config that cannot serialise itself: fall back to its repr
+        hf_text = repr(hf)
+    digest = hashlib.blake2b(hf_text.encode(), digest_size=8).hexdigest()
+    arch = ",".join(getattr(hf, "architectures", None) or ["?"])
+    dtype = str(getattr(mc, "dtype", "?")).replace("torch.", "")
+    return f"{arch}/{digest}/{dtype}/tp{ctx.tp_rank}of{ctx.tp_size}"
 
 
 def build_cache(ctx: Any, config: Any) -> HiRadixCache:
@@ -17,6 +34,8 @@ def build_cache(ctx: Any, config: Any) -> HiRadixCache:
         config,
         forward_stream=getattr(runner, "forward_stream", None),
         metric_labels={"tp_rank": str(ctx.tp_rank)},
+        model_id=model_identity(ctx),
+        tp_group=getattr(ctx.params, "tp_cache_group", None),
     )
     logger.info(
         "hiradix: tree ready (page_size=%d, eviction=%s, tp_rank=%d/%d, config=%s)",

@@ -24,6 +24,7 @@ BACKEND_NAME = "hiradix"
 CONFIG_ENV = "HIRADIX_CONFIG"
 ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
 FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
+SCHEDULER_INIT = "sglang.srt.managers.scheduler.Scheduler.__init__"
 
 _registered = False
 
@@ -43,6 +44,7 @@ def register() -> None:
         pass  # already registered in this process
     HookRegistry.register(ADD_CLI_ARGS, _add_cli_args, HookType.AFTER)
     HookRegistry.register(FROM_CLI_ARGS, _map_cli_args, HookType.BEFORE)
+    HookRegistry.register(SCHEDULER_INIT, _after_scheduler_init, HookType.AFTER)
     _registered = True
 
 
@@ -50,7 +52,7 @@ def _check_hook_targets() -> None:
     """The hooks name SGLang internals: fail loudly if this SGLang moved them."""
     import pkgutil
 
-    for target in (ADD_CLI_ARGS, FROM_CLI_ARGS):
+    for target in (ADD_CLI_ARGS, FROM_CLI_ARGS, SCHEDULER_INIT):
         try:
             pkgutil.resolve_name(target)
         except (ImportError, AttributeError) as exc:
@@ -100,6 +102,15 @@ def _map_cli_args(cls: Any, args: argparse.Namespace, *rest: Any, **kwargs: Any)
         raise SystemExit(f"error: hiradix config: {exc}") from None
     os.environ[CONFIG_ENV] = os.path.abspath(path) if path else ""
     logger.info("hiradix enabled with config %s", config.source)
+
+
+def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """With an L3 store, turn on SGLang's storage-prefetch calls: ``prefetch_from_storage``
+    when a request arrives and ``check_prefetch_progress`` before it is scheduled."""
+    cache = getattr(scheduler, "tree_cache", None)
+    if getattr(cache, "wants_storage_prefetch", False):
+        scheduler.enable_hicache_storage = True
+        logger.info("hiradix: L3 prefetch on request arrival enabled")
 
 
 def load_process_config() -> Any:

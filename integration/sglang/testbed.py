@@ -143,11 +143,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def checkpoint_dtype(model_dir: str | os.PathLike[str]) -> str | None:
+    """The ``dtype`` (or legacy ``torch_dtype``) in ``model_dir/config.json``, if any."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return str(dtype) if dtype else None
+
+
 class SGLangServer:
     """One ``sglang.launch_server`` process tree on CPU; a context manager that stops it.
 
     ``start()`` returns at once; call ``wait_ready()`` before sending requests.
     HTTP methods may be called from any thread (``generate_many`` does).
+    ``dtype="checkpoint"`` (default) serves in the dtype of the model's config.json,
+    ``None`` leaves sglang's ``auto`` (float32 checkpoints become float16), any other
+    string is passed as ``--dtype``. ``extra_args`` are appended last.
     """
 
     def __init__(
@@ -161,7 +174,7 @@ class SGLangServer:
         max_total_tokens: int = 4096,
         page_size: int = 1,
         skip_tokenizer_init: bool = True,
-        dtype: str | None = "float32",
+        dtype: str | None = "checkpoint",
         enable_metrics: bool = True,
         name: str = "sglang",
     ) -> None:
@@ -201,9 +214,10 @@ class SGLangServer:
             "--page-size", str(self.page_size),
             "--log-level", "info",
         ]  # fmt: skip
-        if self.dtype:
+        dtype = checkpoint_dtype(self.model_dir) if self.dtype == "checkpoint" else self.dtype
+        if dtype:
             # sglang's --dtype auto turns a float32 checkpoint into float16.
-            cmd += ["--dtype", self.dtype]
+            cmd += ["--dtype", dtype]
         if self.skip_tokenizer_init:
             cmd.append("--skip-tokenizer-init")
         if self.enable_metrics:

@@ -1,0 +1,338 @@
+"""L3 tiering: write host pages through to a shared store, prefetch them back on arrival.
+
+Runs on the scheduler thread and owns no threads: every store call is a job submitted to
+the transfer engine, whose completion callback comes back through ``TransferEngine.poll``.
+The store is any object with the ``PageStore`` methods (``put_many``, ``get_many``,
+``exists_many``, ``delete_many``); the core never imports the backends.
+
+Pages in the store are ``block_tokens`` long (a multiple of the tree's page size) and keyed
+by a chain of BLAKE2b digests over their tokens, seeded with the namespace digest (model
+identity, TP shard, tenant namespace, LoRA ``extra_key`` and ``cache_salt``), so KV is
+shared only between requests, servers and restarts that would compute the same KV.
+
+Failure model: any error of the store (``StoreUnavailable``), a page that does not verify
+(``CorruptPage``) or a full write queue is a miss, logged once per state change through the
+circuit breaker and counted; requests never fail because of L3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Optional, Sequence
+
+import torch
+
+from hiradix.breaker import CircuitBreaker
+from hiradix.codec import PageMeta, decode_page, encode_page
+from hiradix.errors import CorruptPage, StoreUnavailable
+from hiradix.metrics import Stats
+from hiradix.transfer import TransferEngine
+from hiradix.tree import Node, RadixTree
+
+logger = logging.getLogger(__name__)
+
+LAYOUT = "kv_layer_token_head_dim"
+_TORCH_DTYPES = {
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float32: "float32",
+    torch.uint8: "uint8",
+    torch.int8: "int8",
+}
+
+
+@dataclass
+class Prefetch:
+    """One request's L3 lookup: submitted on arrival, materialized at admission."""
+
+    namespace: Hashable
+    tokens: array
+    start_block: int
+    submitted_at: float
+    done: bool = False
+    pages: list[bytes] = field(default_factory=list)
+    abandoned: bool = False
+
+
+class StorageTier:
+    """The L2 <-> L3 half of the hierarchy for one cache instance."""
+
+    def __init__(
+        self,
+        store: Any,
+        engine: TransferEngine,
+        slab: Any,
+        tree: RadixTree,
+        *,
+        stats: Stats,
+        model_id: str,
+        tenant: str,
+        make_key: Callable[[str, str], str],
+        block_tokens: int,
+        codec: str = "none",
+        level: int = 3,
+        ttl: Optional[float] = None,
+        sliding: bool = True,
+        presence_ttl: float = 10.0,
+        write_queue_pages: int = 4096,
+        breaker: Optional[CircuitBreaker] = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if block_tokens % tree.page_size:
+            raise ValueError(
+                f"store.block_tokens={block_tokens} is not a multiple of the page size "
+                f"{tree.page_size}"
+            )
+        self.store = store
+        self.engine = engine
+        self.slab = slab
+        self.tree = tree
+        self.stats = stats
+        self.model_id = model_id
+        self.tenant = tenant
+        self.make_key = make_key
+        self.block = block_tokens
+        self.codec = codec
+        self.level = level
+        self.ttl = ttl
+        self.sliding = sliding
+        self.presence_ttl = presence_ttl
+        self.write_queue_pages = write_queue_pages
+        self.breaker = breaker or CircuitBreaker(clock=clock)
+        self.clock = clock
+        self.dtype = _TORCH_DTYPES.get(slab.k.dtype, str(slab.k.dtype).replace("torch.", ""))
+        self.page_shape = (2, slab.k.shape[0], block_tokens, *slab.k.shape[2:])
+        self._written: OrderedDict[bytes, None] = OrderedDict()
+        self._absent: dict[bytes, float] = {}
+        self._queued_pages = 0
+        self._ns_digests: dict[Hashable, bytes] = {}
+        self.prefetches: dict[str, Prefetch] = {}
+        self._in_flight_keys: set[bytes] = set()
+        #: whether a lookup that finishes after its request was admitted may still add its
+        #: pages (only on a single rank: with TP the tree may change only at agreed points)
+        self.insert_late = True
+
+    # ------------------------------------------------------------------ keys
+    def ns_digest(self, namespace: Hashable) -> bytes:
+        digest = self._ns_digests.get(namespace)
+        if digest is None:
+            text = f"{self.model_id}\x00{self.tenant}\x00{namespace!r}".encode()
+            digest = hashlib.blake2b(text, digest_size=16).digest()
+            self._ns_digests[namespace] = digest
+        return digest
+
+    def block_keys(self, namespace: Hashable, tokens: array, blocks: int) -> list[bytes]:
+        prev = self.ns_digest(namespace)
+        raw = tokens[: blocks * self.block].tobytes()
+        step = self.block * 8
+        keys = []
+        for off in range(0, blocks * step, step):
+            prev = hashlib.blake2b(prev + raw[off : off + step], digest_size=16).digest()
+            keys.append(prev)
+        return keys
+
+    def _meta(self, namespace: Hashable, key: bytes) -> PageMeta:
+        return PageMeta(self.dtype, LAYOUT, self.page_shape, self.ns_digest(namespace), key)
+
+    def _store_key(self, namespace: Hashable, key: bytes) -> str:
+        return self.make_key(self.ns_digest(namespace).hex(), key.hex())
+
+    # ------------------------------------------------------------------ write-through
+    def save_path(self, last: Node) -> None:
+        """Write the complete blocks of the host-resident path ending at ``last``."""
+        if not self.breaker.allow():
+            return
+        path = self.tree.path(last)
+        if not path or any(not n.l2_ready for n in path):
+            return
+        tokens = array("q")
+        for n in path:
+            tokens.extend(n.tokens)
+        blocks = len(tokens) // self.block
+        if blocks == 0:
+            return
+        namespace = last.namespace
+        keys = self.block_keys(namespace, tokens, blocks)
+        todo = [
+            b for b in range(blocks) if keys[b] not in self._written and keys[b] not in self._in_flight_keys
+        ]
+        if not todo:
+            return
+        if self._queued_pages + len(todo) > self.write_queue_pages:
+            self.stats.add("l3_dropped_writes", len(todo))
+            return
+        slots = torch.cat([n.l2 for n in path])[: blocks * self.block]
+        items = [(self._store_key(namespace, keys[b]), self._meta(namespace, keys[b]), slots[b * self.block : (b + 1) * self.block]) for b in todo]
+        for n in path:
+            self.tree.pin_l2(n)
+        self._queued_pages += len(todo)
+        written = [keys[b] for b in todo]
+        self._in_flight_keys.update(written)
+
+        def job() -> int:
+            payload = []
+            for store_key, meta, page_slots in items:
+                raw = self._gather(page_slots)
+                payload.append((store_key, encode_page(raw, meta, self.codec, self.level)))
+            stored = self.store.put_many(payload, self.ttl)
+            return sum(len(blob) for (_, blob), ok in zip(payload, stored) if ok)
+
+        def done(nbytes: Optional[int], error: Optional[BaseException]) -> None:
+            self._queued_pages -= len(items)
+            self._in_flight_keys.difference_update(written)
+            for n in path:
+                if n.parent is not None:
+                    self.tree.unpin_l2(n)
+            if error is not None:
+                self._failed(error)
+                return
+            self.breaker.record_success()
+            for key in written:
+                self._remember_written(key)
+                self._absent.pop(key, None)
+            self.stats.add("l2_to_l3_tokens", len(items) * self.block)
+            self.stats.add("l3_put_bytes", nbytes or 0)
+
+        self.engine.submit_io(job, done)
+
+    def _gather(self, page_slots: torch.Tensor) -> bytes:
+        page = torch.stack((self.slab.k[:, page_slots], self.slab.v[:, page_slots]))
+        return page.contiguous().view(torch.uint8).numpy().tobytes()
+
+    def _remember_written(self, key: bytes) -> None:
+        self._written[key] = None
+        if len(self._written) > 1_000_000:
+            self._written.popitem(last=False)
+
+    def _failed(self, error: BaseException) -> None:
+        self.stats.add("l3_errors")
+        self.breaker.record_failure()
+        if not isinstance(error, StoreUnavailable):
+            logger.error("hiradix: L3 job failed unexpectedly: %r", error)
+
+    # ------------------------------------------------------------------ prefetch
+    def prefetch(self, request_id: str, namespace: Hashable, tokens: array, local_len: int) -> bool:
+        """Start fetching the blocks of ``tokens`` past ``local_len`` (already in L1/L2).
+        Returns whether a lookup was submitted."""
+        self.prefetches.pop(request_id, None)
+        blocks = len(tokens) // self.block
+        start = local_len // self.block
+        if start >= blocks or not self.breaker.allow():
+            return False
+        keys = self.block_keys(namespace, tokens, blocks)
+        now = self.clock()
+        until = self._absent.get(keys[start])
+        if until is not None and until > now:
+            return False
+        state = Prefetch(namespace, tokens[: blocks * self.block], start, now)
+        self.prefetches[request_id] = state
+        wanted = keys[start:]
+        store_keys = [self._store_key(namespace, k) for k in wanted]
+        metas = [self._meta(namespace, k) for k in wanted]
+        refresh = self.ttl if self.sliding else None
+
+        def job() -> tuple[list[bytes], int, list[str]]:
+            present = self.store.exists_many(store_keys)
+            run = 0
+            while run < len(present) and present[run]:
+                run += 1
+            if run == 0:
+                return [], 0, []
+            blobs = self.store.get_many(store_keys[:run], refresh_ttl=refresh)
+            pages, bad = [], []
+            for store_key, meta, blob in zip(store_keys, metas, blobs):
+                if blob is None:
+                    break
+                try:
+                    pages.append(decode_page(blob, meta))
+                except CorruptPage as exc:
+                    logger.warning("hiradix: corrupt L3 page %s: %s", store_key, exc)
+                    bad.append(store_key)
+                    break
+            if bad:
+                try:
+                    self.store.delete_many(bad)
+                except StoreUnavailable:
+                    pass
+            return pages, sum(len(b) for b in blobs[: len(pages)] if b), bad
+
+        def done(result: Any, error: Optional[BaseException]) -> None:
+            state.done = True
+            if error is not None:
+                self._failed(error)
+                if state.abandoned and self.prefetches.get(request_id) is state:
+                    del self.prefetches[request_id]
+                return
+            self.breaker.record_success()
+            pages, nbytes, bad = result
+            self.stats.add("l3_corrupt_pages", len(bad))
+            self.stats.add("l3_get_bytes", nbytes)
+            if len(pages) < len(wanted):
+                self._absent[wanted[len(pages)]] = self.clock() + self.presence_ttl
+            state.pages = pages
+            if state.abandoned:  # admitted without it: keep the pages for later requests
+                if self.prefetches.get(request_id) is state:
+                    del self.prefetches[request_id]
+                if self.insert_late:
+                    self.materialize(state)
+                state.pages = []
+
+        self.engine.submit_io(job, done)
+        return True
+
+    def materialize(self, state: Prefetch) -> int:
+        """Copy fetched pages into host slots and record them in the tree; returns the
+        number of tokens that are new to the tree."""
+        if not state.pages:
+            return 0
+        tokens_needed = len(state.pages) * self.block
+        slots = self.slab.alloc(tokens_needed)
+        if slots is None:
+            freed = self.tree.evict_l2(tokens_needed - self.slab.free_slots)
+            self.stats.add("l2_evicted_tokens", freed)
+            slots = self.slab.alloc(tokens_needed)
+        if slots is None:
+            self.stats.add("l2_full_skips")
+            return 0
+        for i, raw in enumerate(state.pages):
+            page = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            page = page.view(self.slab.k.dtype).reshape(self.page_shape)
+            rows = slots[i * self.block : (i + 1) * self.block]
+            self.slab.k[:, rows] = page[0]
+            self.slab.v[:, rows] = page[1]
+        start = state.start_block * self.block
+        end = start + tokens_needed
+        added, unused = self.tree.insert_host(state.namespace, state.tokens[:end], start, slots)
+        for piece in unused:
+            self.slab.free(piece)
+        state.pages = []
+        self.stats.add("l3_to_l2_tokens", added)
+        return added
+
+    def forget(self, request_id: str) -> None:
+        state = self.prefetches.pop(request_id, None)
+        if state is not None and not state.done:
+            state.abandoned = True
+
+    def reset(self) -> None:
+        self.prefetches.clear()
+        self._absent.clear()
+
+
+def wait_ready(mode: str, state: Optional[Prefetch], budget: float, now: float) -> bool:
+    """Whether a request may be scheduled given its prefetch and the wait mode."""
+    if state is None or state.done or mode == "best_effort":
+        return True
+    if mode == "wait_complete":
+        return False
+    return now - state.submitted_at >= budget
+
+
+def agreed(values: Sequence[int], reduce_min: Optional[Callable[[list[int]], list[int]]]) -> list[int]:
+    """MIN over TP ranks (identity on a single rank)."""
+    return list(values) if reduce_min is None else reduce_min(list(values))

@@ -1,0 +1,139 @@
+"""L3 tiering in-process: SGLang's real pools, hiradix's cache, and real stores (NVMe files
+in a temp dir, a real redis-server). Two caches over one store stand for two servers."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from sglang_sim import Scheduler, SimReq, idle_total, make_pools
+
+from hiradix.backends.faults import FaultyStore
+from hiradix.config import parse_config
+from hiradix.integration.procs import RedisServer
+from hiradix.integration.sglang.cache import HiRadixCache
+
+pytestmark = pytest.mark.usefixtures("sglang_context")
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    server = RedisServer()
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(params=["nvme", "redis"])
+def store_cfg(request, tmp_path, redis_url):
+    if request.param == "nvme":
+        return {"kind": "nvme", "nvme": {"path": str(tmp_path / "pages"), "size": "64MiB"}}
+    prefix = f"t{random.randrange(10**9)}:"
+    return {"kind": "redis", "redis": {"url": redis_url, "key_prefix": prefix}}
+
+
+def server(store, *, size=512, host="4MiB", block=16, wait="wait_complete", **extra):
+    pools = make_pools(size=size)
+    config = parse_config(
+        {
+            "host": {"size": host},
+            "store": {**store, "block_tokens": block},
+            "prefetch": {"wait": wait},
+            **extra,
+        }
+    )
+    cache = HiRadixCache(pools.params(1), config, model_id="test-model")
+    return cache, pools, Scheduler(cache, pools)
+
+
+def settle(cache):
+    """Let write-through reach the store (what the scheduler's next steps would do)."""
+    for _ in range(3):
+        cache.flush_pending_backups()
+        cache.engine.drain()
+    cache.flush_pending_backups()
+
+
+def test_second_server_reuses_first_servers_pages(store_cfg):
+    cache_a, pools_a, sched_a = server(store_cfg)
+    prompt = [random.Random(1).randrange(1000) for _ in range(100)]
+    sched_a.run(SimReq("a", prompt))
+    settle(cache_a)
+    assert cache_a.stats.counters["l2_to_l3_tokens"] >= 96
+
+    cache_b, pools_b, sched_b = server(store_cfg)
+    req = SimReq("b", prompt)
+    hit = sched_b.run(req)  # verify_prefix checks every loaded KV value
+    assert hit == 96 and req.storage_hit == 96
+    settle(cache_b)
+    snap = cache_b.stats_snapshot().counters
+    assert snap["l3_hit_tokens"] == 96 and snap["l3_to_l2_tokens"] == 96
+    assert idle_total(cache_b, pools_b) == pools_b.size
+    cache_b.tree.check_invariants()
+    # another namespace (LoRA) never sees those pages
+    other = SimReq("c", prompt, extra_key="lora-x")
+    assert server(store_cfg)[2].run(other) == 0
+
+
+def test_tiny_l1_and_l2_large_l3_serves_from_l3(store_cfg):
+    cache, pools, sched = server(store_cfg, size=192, host=16 * 1024)  # host: 1 KiB/token -> 16 tokens... small
+    rng = random.Random(2)
+    prompts = [[rng.randrange(1000) for _ in range(80)] for _ in range(8)]
+    for i, p in enumerate(prompts):
+        sched.run(SimReq(f"w{i}", p))
+        settle(cache)
+    hits = [sched.run(SimReq(f"r{i}", p)) for i, p in enumerate(prompts)]
+    assert sum(hits) > 0
+    assert cache.stats.counters["l3_hit_tokens"] > 0
+    assert idle_total(cache, pools) == pools.size
+    assert cache.slab.used_slots == cache.tree.l2_tokens
+
+
+def test_store_outage_degrades_to_misses_and_recovers(tmp_path):
+    store = {"kind": "nvme", "nvme": {"path": str(tmp_path / "p")}}
+    cache_a, _, sched_a = server(store)
+    prompt = list(range(500, 580))
+    sched_a.run(SimReq("a", prompt))
+    settle(cache_a)
+
+    cache, pools, sched = server(store)
+    faulty = FaultyStore(cache.storage.store, down=True)
+    cache.storage.store = faulty
+    cache.storage.breaker.base_backoff = 0.05
+    for i in range(4):  # every request completes, with no L3 hit
+        assert sched.run(SimReq(f"down{i}", prompt[:40] + [i] * 10)) in (0, 32, 40)
+    assert cache.stats.counters["l3_errors"] > 0
+    assert idle_total(cache, pools) == pools.size
+    faulty.down = False
+    breaker = cache.storage.breaker
+    assert breaker.opens >= 1
+    time.sleep(max(0.0, breaker.retry_at - time.monotonic()) + 0.01)  # past the backoff
+    req = SimReq("up", prompt)
+    assert sched.run(req) == 80 and req.storage_hit == 40  # the 40 tokens past the local match
+
+
+def test_corrupt_pages_are_misses_deleted_and_counted(tmp_path):
+    store = {"kind": "nvme", "nvme": {"path": str(tmp_path / "p")}}
+    cache_a, _, sched_a = server(store)
+    prompt = list(range(700, 764))
+    sched_a.run(SimReq("a", prompt))
+    settle(cache_a)
+
+    cache, pools, sched = server(store)
+    inner = cache.storage.store
+    cache.storage.store = FaultyStore(inner, corrupt_rate=1.0)
+    req = SimReq("b", prompt)
+    cache.storage.insert_late = False
+    sched.arrive(req)
+    assert req.storage_hit == 0  # never served
+    assert cache.stats.counters["l3_corrupt_pages"] == 1
+    # the bad page was deleted from the store
+    from array import array
+
+    first = cache.storage.block_keys((None, None), array("q", prompt), 1)[0]
+    assert inner.exists_many([cache.storage._store_key((None, None), first)]) == [False]
+    sched.admit(req)  # recomputed; its write-through heals the store
+    sched.release(req)
+    settle(cache)
+    assert inner.exists_many([cache.storage._store_key((None, None), first)]) == [True]
