@@ -44,6 +44,7 @@ GAUGES = (
     ("l1_tokens", "Tokens the tree holds on device"),
     ("l1_protected_tokens", "Device tokens pinned by requests or in-flight copies"),
     ("l2_used_slots", "Host slab slots in use"),
+    ("l2_tokens", "Tokens the tree holds in host memory (equals used slots when idle)"),
     ("l2_total_slots", "Host slab capacity in slots"),
     ("in_flight", "Transfers in flight"),
 )

@@ -31,3 +31,11 @@ def sglang_context():
     override = publish_test_config()
     yield
     override.restore()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The ``tiny`` random Llama preset with a locally trained tokenizer, built once."""
+    from hiradix.integration.sglang.model_builder import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)

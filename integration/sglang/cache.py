@@ -429,7 +429,7 @@ class HiRadixCache(BasePrefixCache):
             for node in pending:
                 if node.parent is not None:
                     self._demote_path(node)
-        if self._pending_save:
+            self.engine.poll()  # synchronous (CPU) copies complete at once        if self._pending_save:
             pending_save, self._pending_save = self._pending_save, []
             assert self.storage is not None
             for node in _deepest(pending_save):
@@ -443,6 +443,7 @@ class HiRadixCache(BasePrefixCache):
         gauges["l1_tokens"] = self.tree.l1_total()
         gauges["l1_protected_tokens"] = self.tree.protected_tokens
         gauges["l2_used_slots"] = self.slab.used_slots if self.slab is not None else 0
+        gauges["l2_tokens"] = self.tree.l2_tokens
         gauges["in_flight"] = self.engine.in_flight
         if self.exporter is not None:
             self.exporter.export(self.stats)
