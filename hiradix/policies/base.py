@@ -26,7 +26,7 @@ from abc import ABC
 from array import array
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Protocol, Union
+from typing import Any, ClassVar, Protocol
 
 from hiradix.config import WaitMode
 from hiradix.types import Tier
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 #: What a plan's ``tokens`` may be: any read-only or owned sequence of token ids.
-TokenSeq = Union[tuple, array, memoryview, Sequence[int]]
+TokenSeq = tuple | array | memoryview | Sequence[int]
 
 
 # --------------------------------------------------------------------------- views
@@ -163,7 +163,7 @@ class TreeView(Protocol):
     def hot_paths(self, limit: int) -> list[PathInfo]:
         """The ``limit`` paths with the most hits, most hits first."""
 
-    def path_tokens(self, path_id: int) -> Optional[PathView]:
+    def path_tokens(self, path_id: int) -> PathView | None:
         """The tokens of a path from :meth:`paths`, or ``None`` if it is gone."""
 
 
@@ -182,7 +182,7 @@ class EmptyTreeView:
     def hot_paths(self, limit: int) -> list[PathInfo]:
         return []
 
-    def path_tokens(self, path_id: int) -> Optional[PathView]:
+    def path_tokens(self, path_id: int) -> PathView | None:
         return None
 
 
@@ -198,7 +198,7 @@ class ArrivalEvent:
     namespace: Hashable
     key: PathView
     matched: TierRun
-    session_id: Optional[str] = None
+    session_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +209,7 @@ class FinishEvent:
     request_id: str
     namespace: Hashable
     path: PathView
-    session_id: Optional[str] = None
+    session_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,12 +245,12 @@ class Cold:
     tokens: TokenSeq
 
 
-Plan = Union[Stage, Cold]
+Plan = Stage | Cold
 _PLAN_TYPES = (Stage, Cold)
 _TOKEN_TYPES = (tuple, list, array, memoryview, range)
 
 
-def _check_tokens(plan: Plan) -> Optional[str]:
+def _check_tokens(plan: Plan) -> str | None:
     tokens = plan.tokens
     if not isinstance(tokens, _TOKEN_TYPES):
         return f"{type(plan).__name__}.tokens must be a tuple/array of ints, got {type(tokens).__name__}"
@@ -306,7 +306,7 @@ class PrefetchPolicy(ABC):
     name: ClassVar[str] = "base"
     #: The wait mode this policy was designed for, or ``None`` for the config's. A hint:
     #: the engine may log a mismatch but follows the config.
-    wait_mode: ClassVar[Optional[WaitMode]] = None
+    wait_mode: ClassVar[WaitMode | None] = None
 
     def __init__(self, **options: Any) -> None:
         if options:
@@ -338,14 +338,14 @@ class GuardedPolicy:
     def __init__(self, policy: PrefetchPolicy):
         self.policy = policy
         self.disabled = False
-        self.reason: Optional[str] = None
+        self.reason: str | None = None
 
     @property
     def name(self) -> str:
         return str(getattr(self.policy, "name", type(self.policy).__name__))
 
     @property
-    def wait_mode(self) -> Optional[WaitMode]:
+    def wait_mode(self) -> WaitMode | None:
         return getattr(self.policy, "wait_mode", None)
 
     def _call(self, hook: str, event: Any) -> tuple[Plan, ...]:
@@ -353,7 +353,7 @@ class GuardedPolicy:
             return ()
         try:
             return validate_plans(getattr(self.policy, hook)(event))
-        except Exception as error:  # any fault of user code disables it, never the server
+        except Exception as error:  # noqa: BLE001 - any fault of user code disables it, never the server
             self.disabled = True
             self.reason = f"{hook}: {type(error).__name__}: {error}"
             logger.error("hiradix: prefetch policy %r disabled: %s", self.name, self.reason)

@@ -57,7 +57,7 @@ def registered_policies() -> dict[str, type[PrefetchPolicy]]:
 def _entry_point_names() -> list[str]:
     try:
         return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-    except Exception:  # a broken distribution's metadata must not break config loading
+    except Exception:  # noqa: BLE001 - a broken distribution's metadata must not break config loading
         return []
 
 
@@ -71,7 +71,7 @@ def _unknown(name: str) -> ValueError:
 
 def _check_class(obj: Any, spec: str) -> type[PrefetchPolicy]:
     if not isinstance(obj, type) or not issubclass(obj, PrefetchPolicy):
-        raise ValueError(
+        raise ValueError(  # noqa: TRY004 - a config error, as for an unknown name
             f"prefetch.policy: {spec!r} is {obj!r}, not a subclass of "
             "hiradix.policies.base.PrefetchPolicy"
         )

@@ -429,7 +429,8 @@ class HiRadixCache(BasePrefixCache):
             for node in pending:
                 if node.parent is not None:
                     self._demote_path(node)
-            self.engine.poll()  # synchronous (CPU) copies complete at once        if self._pending_save:
+            self.engine.poll()  # synchronous (CPU) copies complete at once
+        if self._pending_save:
             pending_save, self._pending_save = self._pending_save, []
             assert self.storage is not None
             for node in _deepest(pending_save):
