@@ -96,6 +96,9 @@ class PrometheusExporter:
             for name, help_text in GAUGES
         }
         self._exported = {name: 0 for name, _ in COUNTERS}
+        if self.labels:  # create every labelled child now, so that all series show from 0
+            for metric in (*self._counters.values(), *self._gauges.values()):
+                metric.labels(**self.labels)
 
     def export(self, stats: Stats) -> None:
         for name, value in stats.counters.items():
