@@ -144,39 +144,53 @@ class StorageTier:
 
     # ------------------------------------------------------------------ write-through
     def save_path(self, last: Node) -> None:
-        """Write the complete blocks of the host-resident path ending at ``last``."""
+        """Write the complete blocks of the path ending at ``last`` whose tokens are all in
+        host memory now (ancestors' blocks were written when they were demoted)."""
         if not self.breaker.allow():
             return
         path = self.tree.path(last)
-        if not path or any(not n.l2_ready for n in path):
+        if not path:
             return
         tokens = array("q")
+        spans = []  # (start, node) for nodes whose host copy is ready
         for n in path:
+            if n.l2_ready:
+                spans.append((len(tokens), n))
             tokens.extend(n.tokens)
         blocks = len(tokens) // self.block
-        if blocks == 0:
+        if blocks == 0 or not spans:
             return
         namespace = last.namespace
         keys = self.block_keys(namespace, tokens, blocks)
-        todo = [
-            b for b in range(blocks) if keys[b] not in self._written and keys[b] not in self._in_flight_keys
-        ]
-        if not todo:
+        items = []
+        pinned: dict[int, Node] = {}
+        for b in range(blocks):
+            key = keys[b]
+            if key in self._written or key in self._in_flight_keys:
+                continue
+            lo, hi = b * self.block, (b + 1) * self.block
+            covering = [(start, n) for start, n in spans if start < hi and start + len(n) > lo]
+            if sum(min(hi, s0 + len(n)) - max(lo, s0) for s0, n in covering) != self.block:
+                continue  # part of this block is not in host memory
+            pieces = [n.l2[max(lo, s0) - s0 : min(hi, s0 + len(n)) - s0] for s0, n in covering]
+            page_slots = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            items.append((self._store_key(namespace, key), self._meta(namespace, key), page_slots, key))
+            for _, n in covering:
+                pinned[id(n)] = n
+        if not items:
             return
-        if self._queued_pages + len(todo) > self.write_queue_pages:
-            self.stats.add("l3_dropped_writes", len(todo))
+        if self._queued_pages + len(items) > self.write_queue_pages:
+            self.stats.add("l3_dropped_writes", len(items))
             return
-        slots = torch.cat([n.l2 for n in path])[: blocks * self.block]
-        items = [(self._store_key(namespace, keys[b]), self._meta(namespace, keys[b]), slots[b * self.block : (b + 1) * self.block]) for b in todo]
-        for n in path:
+        for n in pinned.values():
             self.tree.pin_l2(n)
-        self._queued_pages += len(todo)
-        written = [keys[b] for b in todo]
+        self._queued_pages += len(items)
+        written = [key for *_, key in items]
         self._in_flight_keys.update(written)
 
         def job() -> int:
             payload = []
-            for store_key, meta, page_slots in items:
+            for store_key, meta, page_slots, _ in items:
                 raw = self._gather(page_slots)
                 payload.append((store_key, encode_page(raw, meta, self.codec, self.level)))
             stored = self.store.put_many(payload, self.ttl)
@@ -185,9 +199,8 @@ class StorageTier:
         def done(nbytes: Optional[int], error: Optional[BaseException]) -> None:
             self._queued_pages -= len(items)
             self._in_flight_keys.difference_update(written)
-            for n in path:
-                if n.parent is not None:
-                    self.tree.unpin_l2(n)
+            for n in pinned.values():
+                self.tree.unpin_l2(n)
             if error is not None:
                 self._failed(error)
                 return

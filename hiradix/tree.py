@@ -446,11 +446,27 @@ class RadixTree:
         return freed
 
     def host_parent_ok(self, node: Node) -> bool:
-        """Whether ``node`` may get a host copy without breaking prefix closure."""
+        """Whether ``node`` may get a host copy: its parent must be resident somewhere, so
+        that a lookup reaching it finds a contiguous device run, then a host run."""
         parent = node.parent
         return parent is not None and (
-            parent.parent is None or parent.parent is self.root or parent.l2 is not None
+            parent.parent is None
+            or parent.parent is self.root
+            or parent.l2 is not None
+            or parent.l1 is not None
         )
+
+    def split_long(self, node: Node, max_tokens: int) -> list[Node]:
+        """Cut ``node`` into page-aligned pieces of at most ``max_tokens``; returns the
+        pieces top-down (the last one is ``node`` itself, now shorter)."""
+        max_tokens -= max_tokens % self.page_size
+        if max_tokens <= 0 or len(node) <= max_tokens:
+            return [node]
+        pieces = []
+        while len(node) > max_tokens:
+            pieces.append(self._split(node, max_tokens))
+        pieces.append(node)
+        return pieces
 
     def pin_l2(self, node: Node) -> None:
         """Keep ``node``'s host copy while a load reads it (or a child is being added)."""
@@ -461,6 +477,10 @@ class RadixTree:
         node.l2_pins -= 1
         if node.parent is not None:
             self._update_leaf(node)
+        elif node.l2_pins == 0 and node.l2 is not None:
+            # removed from the tree while a reader held its slots: free them only now
+            self.free_l2(node.l2)
+            node.l2 = None
 
     def finish_ticket(self, node: Node, ticket: Ticket, ok: bool) -> None:
         """The host write behind ``ticket`` (covering ``node`` and any upper pieces split
@@ -513,6 +533,8 @@ class RadixTree:
         return freed
 
     def _drop_l2(self, node: Node) -> int:
+        if node.l2_pins > 0:  # a reader holds the slots; it goes when they are released
+            return 0
         size = len(node)
         self.free_l2(node.l2)
         node.l2 = None
@@ -575,6 +597,8 @@ class RadixTree:
         node.l2_at = self.clock()
         self.l2_tokens += len(node)
         self._update_leaf(node)
+        if node.parent is not None:
+            self._update_leaf(node.parent)
 
     def finish_l2(self, node: Node, ok: bool) -> None:
         """A host write covering ``node`` completed; on failure its slots go back."""
@@ -617,9 +641,11 @@ class RadixTree:
             self.evictable_tokens -= len(node)
             node.l1 = None
         if node.l2 is not None:
-            self.free_l2(node.l2)
             self.l2_tokens -= len(node)
-            node.l2 = None
+            if node.l2_pins == 0:
+                self.free_l2(node.l2)
+                node.l2 = None
+            # else: a reader (an L3 write) still holds the slots; unpin_l2 frees them
         self.l1_leaves.discard(node)
         self.l2_leaves.discard(node)
         node.parent = None

@@ -296,3 +296,33 @@ def test_insert_host_below_cached_path_and_duplicates():
     # a path that vanished takes nothing
     added, unused = tree.insert_host(None, seq(9, 9, 9, 9), 2, [100, 101])
     assert added == 0 and unused == [[100, 101]]
+
+
+def test_pinned_host_copy_outlives_removal_of_its_path():
+    """An L3 write reading host slots keeps them even if the path is dropped meanwhile."""
+    tree, pool, host = make_tree()
+    a = seq(1, 2, 3, 4)
+    parent = tree.insert(None, a, pool.alloc(None, a)).node
+    child_tokens = seq(1, 2, 3, 4, 5, 6)
+    child = tree.insert(None, child_tokens, pool.alloc(None, child_tokens)).node
+    slots = host.alloc(None, child_tokens[4:])
+    tree.attach_l2(child, slots, None)
+    tree.pin_l2(child)
+    tree.evict_l1(2)  # the child's device copy goes; its host copy stays
+    assert child.l1 is None and child.l2 is not None
+    tree.evict_l1(4)  # the parent (device only) goes, taking the child out of the tree
+    assert parent.parent is None and child.parent is None
+    assert not set(slots) & host.freed  # still being read
+    tree.unpin_l2(child)
+    assert set(slots) <= host.freed
+    tree.check_invariants()
+
+
+def test_split_long_pieces():
+    tree, pool, _ = make_tree(page_size=2)
+    a = seq(*range(10))
+    node = tree.insert(None, a, pool.alloc(None, a)).node
+    pieces = tree.split_long(node, 4)
+    assert [len(p) for p in pieces] == [4, 4, 2] and pieces[-1] is node
+    assert tree.match(None, a).l1_len == 10
+    tree.check_invariants()

@@ -378,20 +378,31 @@ class HiRadixCache(BasePrefixCache):
         return slots
 
     def _demote_path(self, last: Node) -> None:
-        """Write the path down to ``last`` through to host memory, top-down so that host
-        residency stays prefix-closed; stops at the first node that cannot go."""
-        for node in self.tree.path(last):
-            if node.l2 is not None:
+        """Write the path down to ``last`` through to host memory, top-down; long nodes go
+        in pieces of at most a quarter of the slab, so that no node is too big to demote."""
+        assert self.slab is not None
+        chunk = max(self.page_size, min(self.slab.num_slots // 4, 4096))
+        if self.storage is not None and chunk >= self.storage.block:
+            chunk -= chunk % self.storage.block  # pieces never split an L3 page
+        for whole in self.tree.path(last):
+            if whole.l2 is not None:
                 continue
-            if node.l1 is None or not self._qualifies(node) or not self.tree.host_parent_ok(node):
+            if whole.l1 is None or not self._qualifies(whole):
                 return
-            slots = self._host_slots(node)
-            if slots is None:
-                return
-            ticket = Ticket()
-            self.tree.attach_l2(node, slots, ticket)
-            self.tree.lock(node)  # device slots stay put while the copy reads them
-            self.engine.demote(node.l1, slots, lambda ok, n=node, t=ticket: self._demoted(n, t, ok))
+            for node in self.tree.split_long(whole, chunk):
+                if node.l2 is not None:
+                    continue
+                if not self.tree.host_parent_ok(node):
+                    return
+                slots = self._host_slots(node)
+                if slots is None:
+                    return
+                ticket = Ticket()
+                self.tree.attach_l2(node, slots, ticket)
+                self.tree.lock(node)  # device slots stay put while the copy reads them
+                self.engine.demote(
+                    node.l1, slots, lambda ok, n=node, t=ticket: self._demoted(n, t, ok)
+                )
 
     def _demoted(self, node: Node, ticket: Ticket, ok: bool) -> None:
         size = len(node)
