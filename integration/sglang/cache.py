@@ -59,6 +59,9 @@ def ttl_rules(config: HiradixConfig) -> TtlRules:
     )
 
 
+RETRY_LIMIT = 256  # paths waiting for host memory to drain to L3
+
+
 class HiRadixCache(BasePrefixCache):
     """Prefix cache for SGLang whose tree spans device, host and store tiers."""
 
@@ -366,20 +369,26 @@ class HiRadixCache(BasePrefixCache):
         if slots is None:
             parent = node.parent
             assert parent is not None
-            self.tree.pin_l2(parent)
+            # a parent known only on host must keep that copy (the path would break)
+            pin = parent.l1 is None and parent.l2 is not None
+            if pin:
+                self.tree.pin_l2(parent)
             try:
                 freed = self.tree.evict_l2(need - self.slab.free_slots)
                 self.stats.add("l2_evicted_tokens", freed)
             finally:
-                self.tree.unpin_l2(parent)
+                if pin:
+                    self.tree.unpin_l2(parent)
             slots = self.slab.alloc(need)
         if slots is None:
             self.stats.add("l2_full_skips")
         return slots
 
-    def _demote_path(self, last: Node) -> None:
+    def _demote_path(self, last: Node) -> bool:
         """Write the path down to ``last`` through to host memory, top-down; long nodes go
-        in pieces of at most a quarter of the slab, so that no node is too big to demote."""
+        in pieces of at most a quarter of the slab, so that no node is too big to demote.
+        Returns False when host memory is full of pages still in flight (retry later: they
+        drain to L3 and become evictable)."""
         assert self.slab is not None
         chunk = max(self.page_size, min(self.slab.num_slots // 4, 4096))
         if self.storage is not None and chunk >= self.storage.block:
@@ -388,21 +397,22 @@ class HiRadixCache(BasePrefixCache):
             if whole.l2 is not None:
                 continue
             if whole.l1 is None or not self._qualifies(whole):
-                return
+                return True
             for node in self.tree.split_long(whole, chunk):
                 if node.l2 is not None:
                     continue
                 if not self.tree.host_parent_ok(node):
-                    return
+                    return True
                 slots = self._host_slots(node)
                 if slots is None:
-                    return
+                    return False
                 ticket = Ticket()
                 self.tree.attach_l2(node, slots, ticket)
                 self.tree.lock(node)  # device slots stay put while the copy reads them
                 self.engine.demote(
                     node.l1, slots, lambda ok, n=node, t=ticket: self._demoted(n, t, ok)
                 )
+        return True
 
     def _demoted(self, node: Node, ticket: Ticket, ok: bool) -> None:
         size = len(node)
@@ -437,9 +447,11 @@ class HiRadixCache(BasePrefixCache):
         self.engine.poll()
         if self._pending_demote:
             pending, self._pending_demote = self._pending_demote, []
+            retry = []
             for node in pending:
-                if node.parent is not None:
-                    self._demote_path(node)
+                if node.parent is not None and node.l1 is not None and not self._demote_path(node):
+                    retry.append(node)
+            self._pending_demote = retry[:RETRY_LIMIT] + self._pending_demote
             self.engine.poll()  # synchronous (CPU) copies complete at once
         if self._pending_save:
             pending_save, self._pending_save = self._pending_save, []
