@@ -309,9 +309,15 @@ class StorageTier:
             freed = self.tree.evict_l2(tokens_needed - self.slab.free_slots)
             self.stats.add("l2_evicted_tokens", freed)
             slots = self.slab.alloc(tokens_needed)
-        if slots is None:
-            self.stats.add("l2_full_skips")
-            return 0
+        if slots is None:  # host memory smaller than the run: take the leading pages that fit
+            fit = self.slab.free_slots // self.block
+            if fit == 0:
+                self.stats.add("l2_full_skips")
+                return 0
+            del state.pages[fit:]
+            tokens_needed = fit * self.block
+            slots = self.slab.alloc(tokens_needed)
+            assert slots is not None
         for i, raw in enumerate(state.pages):
             page = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
             page = page.view(self.slab.k.dtype).reshape(self.page_shape)

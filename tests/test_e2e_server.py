@@ -148,7 +148,7 @@ def test_two_servers_share_redis_and_survive_its_outage(tiny_model, reference, t
     """Issue 4 (a), (c), (d): the second server is served from L3 what the first computed
     (its L1 and L2 are tiny); killing Redis mid-flight fails no request; it recovers."""
     text = (
-        "host: {size: 256KiB}\n"  # 512 tokens of host memory: far below the working set
+        "host: {size: 512KiB}\n"  # 1024 tokens of host memory: a tenth of the working set
         f"store: {{kind: redis, block_tokens: 16, redis: {{url: '{redis_server.url}'}}}}\n"
         "prefetch: {wait: wait_complete}\n"
     )
