@@ -112,7 +112,7 @@ def test_embedded_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     # The embedded default resolves its relative path against the working directory.
     assert cfg.store.nvme.path == str(tmp_path / ".hiradix" / "pages")
     assert cfg.ttl.store.seconds == 24 * 3600
-    assert cfg.compression.codec is Codec.ZSTD and cfg.compression.level == 3
+    assert cfg.compression.codec is Codec.NONE and cfg.compression.level == 3
     assert cfg.source == default_config_path()
 
 
