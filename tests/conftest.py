@@ -39,3 +39,13 @@ def tiny_model(tmp_path_factory):
     from hiradix.integration.sglang.model_builder import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where CUDA is visible (``HIRADIX_GPU_TESTS=1`` on a GPU host)."""
+    if os.environ.get("HIRADIX_GPU_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: run HIRADIX_GPU_TESTS=1 pytest -m gpu on a GPU host")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
