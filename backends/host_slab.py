@@ -73,6 +73,7 @@ class HostSlab:
             return None
         taken = self._free_pages[len(self._free_pages) - pages :]
         del self._free_pages[len(self._free_pages) - pages :]
+        taken.reverse()  # a fresh or freshly freed run comes out ascending: one contiguous range
         starts = torch.tensor(taken, dtype=torch.int64) * self.page_size
         if self.page_size == 1:
             return starts
@@ -83,4 +84,4 @@ class HostSlab:
         if len(slots) == 0:
             return
         pages = slots.reshape(-1)[:: self.page_size] // self.page_size
-        self._free_pages.extend(pages.tolist())
+        self._free_pages.extend(reversed(pages.tolist()))

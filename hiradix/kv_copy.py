@@ -26,6 +26,19 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def contiguous_range(idx: torch.Tensor) -> Optional[tuple[int, int]]:
+    """``(start, stop)`` when ``idx`` is one ascending run of consecutive slots, else None."""
+    n = len(idx)
+    if n == 0:
+        return None
+    first, last = int(idx[0]), int(idx[-1])
+    if last - first + 1 != n:
+        return None
+    if n > 1 and not bool((idx[1:] - idx[:-1] == 1).all()):
+        return None
+    return first, last + 1
+
+
 class CopyHandle(Protocol):
     def done(self) -> bool:
         """True once the copy is complete and its source may be reused. Never blocks."""
@@ -153,6 +166,17 @@ class CudaKvCopier:
 
     def device_to_host(self, device_idx: torch.Tensor, host_idx: torch.Tensor) -> CopyHandle:
         device_idx = device_idx.to(self.device_k[0].device, non_blocking=True)
+        run = contiguous_range(host_idx)
+        if run is not None:  # straight into the pinned slab rows: no staging, no host scatter
+            lo, hi = run
+            self.stream.wait_stream(self.forward_stream)
+            with torch.cuda.stream(self.stream):
+                for layer, (k, v) in enumerate(zip(self.device_k, self.device_v)):
+                    self.host.k[layer][lo:hi].copy_(k.index_select(0, device_idx), non_blocking=True)
+                    self.host.v[layer][lo:hi].copy_(v.index_select(0, device_idx), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.stream)
+            return _EventHandle(event)
         n = len(device_idx)
         k0, v0 = self.device_k[0], self.device_v[0]
         # Gather on device, copy into pinned staging rows asynchronously; the slab rows are
@@ -171,12 +195,17 @@ class CudaKvCopier:
     def host_to_device(self, host_idx: torch.Tensor, device_idx: torch.Tensor) -> LayerEvents:
         device_idx = device_idx.to(self.device_k[0].device, non_blocking=True)
         host_cpu = host_idx.cpu()
+        run = contiguous_range(host_cpu)
         self.stream.wait_stream(self.forward_stream)
         events = []
         with torch.cuda.stream(self.stream):
             for layer, (k, v) in enumerate(zip(self.device_k, self.device_v)):
-                k_rows = self.host.k[layer].index_select(0, host_cpu).pin_memory()
-                v_rows = self.host.v[layer].index_select(0, host_cpu).pin_memory()
+                if run is not None:  # pinned slab rows go straight to the device
+                    k_rows = self.host.k[layer][run[0] : run[1]]
+                    v_rows = self.host.v[layer][run[0] : run[1]]
+                else:
+                    k_rows = self.host.k[layer].index_select(0, host_cpu).pin_memory()
+                    v_rows = self.host.v[layer].index_select(0, host_cpu).pin_memory()
                 k.index_copy_(0, device_idx, k_rows.to(k.device, non_blocking=True))
                 v.index_copy_(0, device_idx, v_rows.to(v.device, non_blocking=True))
                 event = torch.cuda.Event()

@@ -38,7 +38,9 @@ def test_make_copier_picks_the_cuda_twin():
 def test_round_trip_device_host_device():
     k, v, slab = make_pool()
     copier = CudaKvCopier(k, v, slab)
-    device_idx = torch.randperm(SLOTS, device="cuda")[:512]
+    perm = torch.randperm(SLOTS, device="cuda")
+    device_idx, target = perm[:512], perm[512:1024]  # disjoint source and destination
+    want_k = [t[device_idx].clone() for t in k]
     host_idx = slab.alloc(512)
     handle = copier.device_to_host(device_idx, host_idx)
     handle.wait()
@@ -47,12 +49,11 @@ def test_round_trip_device_host_device():
         assert torch.equal(slab.k[layer][host_idx], k[layer][device_idx].cpu())
         assert torch.equal(slab.v[layer][host_idx], v[layer][device_idx].cpu())
     # load back into other device slots, layer by layer
-    target = torch.randperm(SLOTS, device="cuda")[:512]
     events = copier.host_to_device(host_idx, target)
     assert isinstance(events, LayerEvents) and len(events.events) == LAYERS
     for layer in range(LAYERS):
         events.wait_until(layer)  # the current stream waits for this layer only
-        assert torch.equal(k[layer][target], k[layer][device_idx])
+        assert torch.equal(k[layer][target], want_k[layer])
         assert torch.equal(v[layer][target], v[layer][device_idx])
     torch.cuda.synchronize()
     assert events.done()
@@ -100,3 +101,16 @@ def test_host_to_device_waits_for_readers_on_the_forward_stream():
     torch.cuda.synchronize()
     assert torch.equal(seen, expected_old)
     assert bool((k[0][target] == 5.0).all()) and bool((v[LAYERS - 1][target] == 6.0).all())
+
+
+def test_scattered_host_slots_take_the_staging_path():
+    k, v, slab = make_pool()
+    copier = CudaKvCopier(k, v, slab)
+    host_idx = torch.arange(0, 1024, 2)  # every other slot: not one run
+    device_idx = torch.arange(0, 512, device="cuda")
+    want = k[3][device_idx].clone()
+    copier.device_to_host(device_idx, host_idx).wait()
+    assert torch.equal(slab.k[2][host_idx], k[2][device_idx].cpu())
+    target = torch.arange(SLOTS - 512, SLOTS, device="cuda")  # disjoint from the source
+    copier.host_to_device(host_idx, target).wait()
+    assert torch.equal(k[3][target], want)
