@@ -39,6 +39,9 @@ COUNTERS = (
     ("l3_corrupt_pages", "L3 pages whose header or checksum did not verify"),
     ("l3_dropped_writes", "L3 writes dropped (queue full or store refused)"),
     ("recompute_instead_of_load", "Loads skipped because recomputing was estimated faster"),
+    ("policy_events", "Events handed to the prefetch policy (arrival, finish, tick)"),
+    ("policy_plans", "Plans the prefetch policy returned"),
+    ("policy_plans_skipped", "Plans not executed (over budget, or device staging)"),
 )
 GAUGES = (
     ("l1_tokens", "Tokens the tree holds on device"),

@@ -229,9 +229,18 @@ class StorageTier:
             logger.error("hiradix: L3 job failed unexpectedly: %r", error)
 
     # ------------------------------------------------------------------ prefetch
-    def prefetch(self, request_id: str, namespace: Hashable, tokens: array, local_len: int) -> bool:
-        """Start fetching the blocks of ``tokens`` past ``local_len`` (already in L1/L2).
-        Returns whether a lookup was submitted."""
+    def prefetch(
+        self,
+        request_id: str,
+        namespace: Hashable,
+        tokens: array,
+        local_len: int,
+        decide: Optional[Callable[[int], int]] = None,
+    ) -> bool:
+        """Look up the blocks of ``tokens`` past ``local_len`` (already in L1/L2) and fetch
+        them. Two store round trips: an existence check, then ``decide(present_tokens)``
+        (the prefetch policy, on the scheduler thread) says how many of the present tokens
+        to fetch (default: all). Returns whether a lookup was submitted."""
         self.prefetches.pop(request_id, None)
         blocks = len(tokens) // self.block
         start = local_len // self.block
@@ -246,17 +255,45 @@ class StorageTier:
         self.prefetches[request_id] = state
         wanted = keys[start:]
         store_keys = [self._store_key(namespace, k) for k in wanted]
-        metas = [self._meta(namespace, k) for k in wanted]
-        refresh = self.ttl if self.sliding else None
 
-        def job() -> tuple[list[bytes], int, list[str]]:
+        def exists_job() -> int:
             present = self.store.exists_many(store_keys)
             run = 0
             while run < len(present) and present[run]:
                 run += 1
-            if run == 0:
-                return [], 0, []
-            blobs = self.store.get_many(store_keys[:run], refresh_ttl=refresh)
+            return run
+
+        def exists_done(run: Optional[int], error: Optional[BaseException]) -> None:
+            if error is not None or not run:
+                if error is not None:
+                    self._failed(error)
+                else:
+                    self.breaker.record_success()
+                    self._absent[wanted[0]] = self.clock() + self.presence_ttl
+                self._finish(request_id, state)
+                return
+            self.breaker.record_success()
+            if run < len(wanted):
+                self._absent[wanted[run]] = self.clock() + self.presence_ttl
+            present_tokens = run * self.block - (local_len - start * self.block)
+            take = present_tokens if decide is None else max(0, min(present_tokens, decide(present_tokens)))
+            pages = -(-(take + local_len - start * self.block) // self.block) if take > 0 else 0
+            if pages == 0:
+                self._finish(request_id, state)
+                return
+            self._fetch(request_id, state, namespace, wanted[:pages], store_keys[:pages])
+
+        self.engine.submit_io(exists_job, exists_done)
+        return True
+
+    def _fetch(
+        self, request_id: str, state: Prefetch, namespace: Hashable, keys: list[bytes], store_keys: list[str]
+    ) -> None:
+        metas = [self._meta(namespace, k) for k in keys]
+        refresh = self.ttl if self.sliding else None
+
+        def job() -> tuple[list[bytes], int, list[str]]:
+            blobs = self.store.get_many(store_keys, refresh_ttl=refresh)
             pages, bad = [], []
             for store_key, meta, blob in zip(store_keys, metas, blobs):
                 if blob is None:
@@ -275,28 +312,27 @@ class StorageTier:
             return pages, sum(len(b) for b in blobs[: len(pages)] if b), bad
 
         def done(result: Any, error: Optional[BaseException]) -> None:
-            state.done = True
             if error is not None:
                 self._failed(error)
-                if state.abandoned and self.prefetches.get(request_id) is state:
-                    del self.prefetches[request_id]
+                self._finish(request_id, state)
                 return
             self.breaker.record_success()
             pages, nbytes, bad = result
             self.stats.add("l3_corrupt_pages", len(bad))
             self.stats.add("l3_get_bytes", nbytes)
-            if len(pages) < len(wanted):
-                self._absent[wanted[len(pages)]] = self.clock() + self.presence_ttl
             state.pages = pages
-            if state.abandoned:  # admitted without it: keep the pages for later requests
-                if self.prefetches.get(request_id) is state:
-                    del self.prefetches[request_id]
-                if self.insert_late:
-                    self.materialize(state)
-                state.pages = []
+            self._finish(request_id, state)
 
         self.engine.submit_io(job, done)
-        return True
+
+    def _finish(self, request_id: str, state: Prefetch) -> None:
+        state.done = True
+        if state.abandoned:  # admitted without it: keep the pages for later requests
+            if self.prefetches.get(request_id) is state:
+                del self.prefetches[request_id]
+            if self.insert_late:
+                self.materialize(state)
+            state.pages = []
 
     def materialize(self, state: Prefetch) -> int:
         """Copy fetched pages into host slots and record them in the tree; returns the

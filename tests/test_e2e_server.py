@@ -235,3 +235,37 @@ def test_restart_on_same_nvme_directory_reuses_pages(tiny_model, reference, tmp_
             assert result.cached_tokens >= 496
         assert _metrics(second)["l3_hit_tokens"] >= 8 * 496
         _assert_clean_log(second)
+
+
+def test_custom_policy_from_config_runs_in_the_scheduler(tiny_model, reference, tmp_path):
+    """Issue 5: an out-of-tree policy named in the config ("custom_policy:EveryOther",
+    examples/) is loaded by every scheduler process and its callbacks run there."""
+    import os
+
+    from hiradix.integration.sglang.testbed import needed_standin_dirs
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    text = (
+        f"host: {{size: 1MiB}}\nstore: {{kind: nvme, block_tokens: 16, nvme: {{path: '{tmp_path / 'p'}'}}}}\n"
+        "prefetch: {policy: 'custom_policy:EveryOther', options: {every: 1, min_tokens: 16}, "
+        "wait: wait_complete}\n"
+    )
+    cfg = _config(tmp_path / "custom.yaml", text)
+    pythonpath = os.pathsep.join([*map(str, needed_standin_dirs()), str(examples)])
+    env = {**STRICT, "PYTHONPATH": pythonpath}
+    server = SGLangServer(tiny_model, extra_args=["--enable-hiradix", "--hiradix-config", cfg],
+                          env=env, log_path=tmp_path / "custom.log", max_total_tokens=L1_TOKENS,
+                          name="custom-policy")  # fmt: skip
+    with server:
+        server.wait_ready()
+        for prompt in RESTART[:4] + RESTART[:4]:
+            assert server.generate(prompt, NEW_TOKENS).output_ids == reference[tuple(prompt)]
+        m = _metrics(server)
+        assert m["policy_events"] > 0, m
+        log = server.log_text()
+        found = re.search(r"prefetch policy (\S+): first on_arrival callback in pid (\d+) \((.*)\)", log)
+        assert found, "the policy's on_arrival never ran"
+        assert found.group(1) == "every_other"
+        assert "scheduler" in found.group(3), found.group(0)
+        assert int(found.group(2)) != server.proc.pid  # not the launcher: a scheduler child
+        _assert_clean_log(server)

@@ -11,6 +11,7 @@ Contract references are to SGLANG-0.5.23.md.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from array import array
@@ -35,7 +36,20 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from hiradix.backends.host_slab import HostSlab
 from hiradix.kv_copy import LayerEvents, make_copier
 from hiradix.metrics import PrometheusExporter, Stats, StatsSnapshot
+from hiradix.policies.base import (
+    ArrivalEvent,
+    Cold,
+    FinishEvent,
+    GuardedPolicy,
+    PathView,
+    Stage,
+    TickEvent,
+    TierRun,
+)
+from hiradix.policies.registry import create_policy
+from hiradix.policies.views import RadixTreeView
 from hiradix.storage_tier import StorageTier, agreed, wait_ready
+from hiradix.types import Tier
 from hiradix.transfer import TransferEngine
 from hiradix.tree import Node, RadixTree, Ticket, TierTtl, TtlRules
 
@@ -60,6 +74,8 @@ def ttl_rules(config: HiradixConfig) -> TtlRules:
 
 
 RETRY_LIMIT = 256  # paths waiting for host memory to drain to L3
+MAX_BACKGROUND_PREFETCH = 64  # L3 lookups in flight for policy plans and requests
+TICK_SECONDS = 1.0  # how often the prefetch policy's on_tick runs
 
 
 class HiRadixCache(BasePrefixCache):
@@ -115,6 +131,10 @@ class HiRadixCache(BasePrefixCache):
         self.storage: Optional[StorageTier] = None
         if self.slab is not None and config.store.kind.value != "none":
             self._init_store(model_id)
+        self.policy = GuardedPolicy(create_policy(config.prefetch))
+        self._last_tick = 0.0
+        self._plan_seq = 0
+        self._announced: set[str] = set()
         self.reset()
 
     # SGLang reads these on the storage-prefetch path (SGLANG-0.5.23.md section 2)
@@ -459,6 +479,7 @@ class HiRadixCache(BasePrefixCache):
             for node in _deepest(pending_save):
                 if node.parent is not None and node.l2_ready:
                     self.storage.save_path(node)
+        self._tick()
         before = dict(self.tree.expired_tokens)
         self.tree.sweep()
         self.stats.add("l1_expired_tokens", self.tree.expired_tokens["l1"] - before["l1"])
@@ -630,7 +651,97 @@ class HiRadixCache(BasePrefixCache):
         tokens = array("q", matched_prefix_tokens)
         tokens.extend(new_input_tokens)
         local = len(matched_prefix_tokens)
-        return self.storage.prefetch(handle.rid, (extra_key, cache_salt or None), tokens, local)
+        namespace = (extra_key, cache_salt or None)
+        rid = handle.rid
+
+        def decide(present_tokens: int) -> int:
+            return self._on_arrival(rid, namespace, tokens, present_tokens)
+
+        if self.storage.prefetch(rid, namespace, tokens, local, decide):
+            return True
+        self._on_arrival(rid, namespace, tokens, 0)  # nothing to look up: the policy still hears
+        return False
+
+    # ------------------------------------------------------------------ prefetch policy
+    def _announce(self, hook: str) -> None:
+        if hook not in self._announced:
+            self._announced.add(hook)
+            try:
+                import setproctitle
+
+                title = setproctitle.getproctitle()
+            except ImportError:  # optional: only for the log line
+                title = "?"
+            logger.info(
+                "hiradix: prefetch policy %s: first %s callback in pid %d (%s)",
+                self.policy.name, hook, os.getpid(), title,
+            )
+
+    def _on_arrival(self, rid: str, namespace: Hashable, tokens: array, l3_tokens: int) -> int:
+        """The policy sees the arrival with each tier's run; returns how many of the
+        ``l3_tokens`` present in the store to fetch for this request now."""
+        self._announce("on_arrival")
+        found = self.tree.match(namespace, tokens, touch=False)
+        view = PathView(tokens, namespace)
+        event = ArrivalEvent(
+            self.clock(), rid, namespace, view, TierRun(found.l1_len, found.host_len, l3_tokens)
+        )
+        self.stats.add("policy_events")
+        local = found.total_len
+        take = 0
+        for plan in self.policy.on_arrival(event):
+            if isinstance(plan, Stage) and plan.namespace == namespace and _is_prefix(plan.tokens, tokens):
+                take = max(take, len(plan.tokens) - local)
+                self.stats.add("policy_plans")
+            else:
+                self._execute(plan)
+        return take
+
+    def _execute(self, plan: Any) -> None:
+        """Carry out a plan about some path: stage it from L3 into host memory in the
+        background (bounded), or let it go cold. Device staging is left to load-back."""
+        self.stats.add("policy_plans")
+        tokens = array("q", plan.tokens)
+        if isinstance(plan, Cold):
+            found = self.tree.match(plan.namespace, tokens, touch=False)
+            if found.host_len or found.l1_len:
+                found.host_node.last_access = 0  # first in line for eviction
+            return
+        if not isinstance(plan, Stage) or plan.tier is not Tier.L2 or self.storage is None:
+            self.stats.add("policy_plans_skipped")
+            return
+        if len(self.storage.prefetches) >= MAX_BACKGROUND_PREFETCH:
+            self.stats.add("policy_plans_skipped")
+            return
+        found = self.tree.match(plan.namespace, tokens, touch=False)
+        self._plan_seq += 1
+        key = f"plan:{self._plan_seq}"
+        if self.storage.prefetch(key, plan.namespace, tokens, found.total_len):
+            self.storage.forget(key)  # nobody waits on it: pages land when they arrive
+
+    def on_release(self, req: Req, *, checkpointed: bool) -> None:
+        if self.disable or not checkpointed:
+            return
+        self._announce("on_finish")
+        namespace = (req.extra_key, req.cache_salt)
+        view = PathView(array("q", req.full_untruncated_fill_ids), namespace)
+        self.stats.add("policy_events")
+        for plan in self.policy.on_finish(FinishEvent(self.clock(), req.rid, namespace, view)):
+            self._execute(plan)
+
+    def _tick(self) -> None:
+        now = self.clock()
+        if now - self._last_tick < TICK_SECONDS:
+            return
+        self._last_tick = now
+        caps = {
+            Tier.L1: float(self.token_to_kv_pool_allocator.size),
+            Tier.L2: float(self.slab.num_slots if self.slab is not None else 0),
+            Tier.L3: float("inf") if self.storage is not None else 0.0,
+        }
+        self.stats.add("policy_events")
+        for plan in self.policy.on_tick(TickEvent(now, RadixTreeView(self.tree, caps))):
+            self._execute(plan)
 
     def check_prefetch_progress(self, handle: Any) -> bool:
         """Admission gate: whether the request may be scheduled now (per the wait mode).
@@ -697,3 +808,8 @@ def _deepest(nodes: list[Node]) -> list[Node]:
             seen.add(id(node))
             out.append(node)
     return out
+
+
+def _is_prefix(plan_tokens: Any, tokens: array) -> bool:
+    n = len(plan_tokens)
+    return 0 < n <= len(tokens) and array("q", plan_tokens) == tokens[:n]
