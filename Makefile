@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-fast demo bench lint typecheck clean
+.PHONY: setup test test-fast demo bench lint typecheck clean docs
 
 setup:
 	@bash scripts/setup.sh
@@ -28,3 +28,6 @@ typecheck: setup
 
 clean:
 	rm -rf .venv out .pytest_cache .mypy_cache
+
+docs: setup
+	$(PY) scripts/update_readme.py README.md
