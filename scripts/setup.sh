@@ -28,7 +28,6 @@ $PIP install -U pip >/dev/null
 $PIP install "torch==2.13.0"
 $PIP install -r scripts/cpu-requirements.txt
 $PIP install --no-deps "sglang==0.5.23"
-$PIP install --no-deps -e ".[dev]"
 $PIP install -e ".[dev]"
 echo "$want" > "$STAMP"
 echo "[setup] done"
