@@ -10,7 +10,6 @@ then evicts host leaves or skips the demotion; it is never an exception.
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch
 
@@ -30,7 +29,7 @@ class HostSlab:
         dtype: torch.dtype,
         page_size: int = 1,
         pin_memory: bool = False,
-        v_head_dim: Optional[int] = None,
+        v_head_dim: int | None = None,
     ):
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
@@ -64,7 +63,7 @@ class HostSlab:
     def used_slots(self) -> int:
         return self.num_slots - self.free_slots
 
-    def alloc(self, n: int) -> Optional[torch.Tensor]:
+    def alloc(self, n: int) -> torch.Tensor | None:
         """``n`` slots (a multiple of the page size), or ``None`` if they do not fit."""
         if n % self.page_size:
             raise ValueError(f"host alloc of {n} slots is not a multiple of page {self.page_size}")

@@ -4,7 +4,8 @@ Cluster that cannot be reached) degrades to misses and is picked up once it retu
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hiradix.errors import StoreUnavailable
 

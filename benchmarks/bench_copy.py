@@ -11,8 +11,8 @@ import json
 import time
 
 import torch
-
 from hiradix.backends.host_slab import HostSlab
+
 from hiradix.kv_copy import make_copier
 
 

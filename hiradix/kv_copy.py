@@ -19,14 +19,15 @@ Both take plain tensors: ``device_k[layer]`` / ``device_v[layer]`` are
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 
-def contiguous_range(idx: torch.Tensor) -> Optional[tuple[int, int]]:
+def contiguous_range(idx: torch.Tensor) -> tuple[int, int] | None:
     """``(start, stop)`` when ``idx`` is one ascending run of consecutive slots, else None."""
     n = len(idx)
     if n == 0:
@@ -71,7 +72,9 @@ class KvCopier(Protocol):
 class CpuKvCopier:
     """Synchronous plain-torch index copies (the twin CI exercises)."""
 
-    def __init__(self, device_k: Sequence[torch.Tensor], device_v: Sequence[torch.Tensor], host: Any):
+    def __init__(
+        self, device_k: Sequence[torch.Tensor], device_v: Sequence[torch.Tensor], host: Any
+    ):
         self.device_k = list(device_k)
         self.device_v = list(device_v)
         self.host = host
@@ -103,12 +106,14 @@ class _EventHandle:
 class _StagedHandle:
     """A device-to-host copy through pinned staging rows, scattered into the slab once."""
 
-    def __init__(self, event: Any, host: Any, host_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def __init__(
+        self, event: Any, host: Any, host_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ):
         self.event = event
         self.host = host
         self.host_idx = host_idx
-        self.k: Optional[torch.Tensor] = k
-        self.v: Optional[torch.Tensor] = v
+        self.k: torch.Tensor | None = k
+        self.v: torch.Tensor | None = v
 
     def _scatter(self) -> None:
         if self.k is not None and self.v is not None:
@@ -155,7 +160,7 @@ class CudaKvCopier:
         device_v: Sequence[torch.Tensor],
         host: Any,
         *,
-        forward_stream: Optional[Any] = None,
+        forward_stream: Any | None = None,
     ):
         self.device_k = list(device_k)
         self.device_v = list(device_v)
@@ -172,8 +177,12 @@ class CudaKvCopier:
             self.stream.wait_stream(self.forward_stream)
             with torch.cuda.stream(self.stream):
                 for layer, (k, v) in enumerate(zip(self.device_k, self.device_v)):
-                    self.host.k[layer][lo:hi].copy_(k.index_select(0, device_idx), non_blocking=True)
-                    self.host.v[layer][lo:hi].copy_(v.index_select(0, device_idx), non_blocking=True)
+                    self.host.k[layer][lo:hi].copy_(
+                        k.index_select(0, device_idx), non_blocking=True
+                    )
+                    self.host.v[layer][lo:hi].copy_(
+                        v.index_select(0, device_idx), non_blocking=True
+                    )
                 event = torch.cuda.Event()
                 event.record(self.stream)
             return _EventHandle(event)
@@ -181,8 +190,12 @@ class CudaKvCopier:
         k0, v0 = self.device_k[0], self.device_v[0]
         # Gather on device, copy into pinned staging rows asynchronously; the slab rows are
         # scattered on the host once the event says the bytes have landed.
-        staging_k = torch.empty((len(self.device_k), n, *k0.shape[1:]), dtype=k0.dtype, pin_memory=True)
-        staging_v = torch.empty((len(self.device_v), n, *v0.shape[1:]), dtype=v0.dtype, pin_memory=True)
+        staging_k = torch.empty(
+            (len(self.device_k), n, *k0.shape[1:]), dtype=k0.dtype, pin_memory=True
+        )
+        staging_v = torch.empty(
+            (len(self.device_v), n, *v0.shape[1:]), dtype=v0.dtype, pin_memory=True
+        )
         self.stream.wait_stream(self.forward_stream)
         with torch.cuda.stream(self.stream):
             for layer, (k, v) in enumerate(zip(self.device_k, self.device_v)):
@@ -214,7 +227,9 @@ class CudaKvCopier:
         return LayerEvents(events)
 
 
-def make_copier(device_k: Sequence[torch.Tensor], device_v: Sequence[torch.Tensor], host: Any, **kw: Any) -> KvCopier:
+def make_copier(
+    device_k: Sequence[torch.Tensor], device_v: Sequence[torch.Tensor], host: Any, **kw: Any
+) -> KvCopier:
     """The twin that matches where the device buffers live."""
     if device_k and device_k[0].is_cuda:
         return CudaKvCopier(device_k, device_v, host, **kw)

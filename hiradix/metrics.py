@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +74,7 @@ class StatsSnapshot:
 
     def hit_ratio(self) -> dict[str, float]:
         prompt = max(1, self.counters["prompt_tokens"])
-        return {
-            tier: self.counters[f"{tier}_hit_tokens"] / prompt for tier in ("l1", "l2", "l3")
-        }
+        return {tier: self.counters[f"{tier}_hit_tokens"] / prompt for tier in ("l1", "l2", "l3")}
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.counters, **self.gauges}
@@ -85,14 +83,13 @@ class StatsSnapshot:
 class PrometheusExporter:
     """Mirrors a ``Stats`` into prometheus_client metrics named ``hiradix_*``."""
 
-    def __init__(self, labels: Optional[dict[str, str]] = None):
+    def __init__(self, labels: dict[str, str] | None = None):
         import prometheus_client as prom
 
         self.labels = dict(labels or {})
         names = list(self.labels)
         self._counters = {
-            name: prom.Counter(f"hiradix_{name}", help_text, names)
-            for name, help_text in COUNTERS
+            name: prom.Counter(f"hiradix_{name}", help_text, names) for name, help_text in COUNTERS
         }
         self._gauges = {
             name: prom.Gauge(f"hiradix_{name}", help_text, names, multiprocess_mode="livesum")
@@ -111,8 +108,8 @@ class PrometheusExporter:
                 (metric.labels(**self.labels) if self.labels else metric).inc(delta)
                 self._exported[name] = value
         for name, value in stats.gauges.items():
-            metric = self._gauges[name]
-            (metric.labels(**self.labels) if self.labels else metric).set(value)
+            gauge = self._gauges[name]
+            (gauge.labels(**self.labels) if self.labels else gauge).set(value)
 
 
 def snapshot_fields() -> list[str]:

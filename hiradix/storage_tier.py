@@ -22,8 +22,9 @@ import logging
 import time
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -76,11 +77,11 @@ class StorageTier:
         block_tokens: int,
         codec: str = "none",
         level: int = 3,
-        ttl: Optional[float] = None,
+        ttl: float | None = None,
         sliding: bool = True,
         presence_ttl: float = 10.0,
         write_queue_pages: int = 4096,
-        breaker: Optional[CircuitBreaker] = None,
+        breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         if block_tokens % tree.page_size:
@@ -174,7 +175,9 @@ class StorageTier:
                 continue  # part of this block is not in host memory
             pieces = [n.l2[max(lo, s0) - s0 : min(hi, s0 + len(n)) - s0] for s0, n in covering]
             page_slots = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-            items.append((self._store_key(namespace, key), self._meta(namespace, key), page_slots, key))
+            items.append(
+                (self._store_key(namespace, key), self._meta(namespace, key), page_slots, key)
+            )
             for _, n in covering:
                 pinned[id(n)] = n
         if not items:
@@ -196,7 +199,7 @@ class StorageTier:
             stored = self.store.put_many(payload, self.ttl)
             return sum(len(blob) for (_, blob), ok in zip(payload, stored) if ok)
 
-        def done(nbytes: Optional[int], error: Optional[BaseException]) -> None:
+        def done(nbytes: int | None, error: BaseException | None) -> None:
             self._queued_pages -= len(items)
             self._in_flight_keys.difference_update(written)
             for n in pinned.values():
@@ -235,7 +238,7 @@ class StorageTier:
         namespace: Hashable,
         tokens: array,
         local_len: int,
-        decide: Optional[Callable[[int], int]] = None,
+        decide: Callable[[int], int] | None = None,
     ) -> bool:
         """Look up the blocks of ``tokens`` past ``local_len`` (already in L1/L2) and fetch
         them. Two store round trips: an existence check, then ``decide(present_tokens)``
@@ -263,7 +266,7 @@ class StorageTier:
                 run += 1
             return run
 
-        def exists_done(run: Optional[int], error: Optional[BaseException]) -> None:
+        def exists_done(run: int | None, error: BaseException | None) -> None:
             if error is not None or not run:
                 if error is not None:
                     self._failed(error)
@@ -276,7 +279,11 @@ class StorageTier:
             if run < len(wanted):
                 self._absent[wanted[run]] = self.clock() + self.presence_ttl
             present_tokens = run * self.block - (local_len - start * self.block)
-            take = present_tokens if decide is None else max(0, min(present_tokens, decide(present_tokens)))
+            take = (
+                present_tokens
+                if decide is None
+                else max(0, min(present_tokens, decide(present_tokens)))
+            )
             pages = -(-(take + local_len - start * self.block) // self.block) if take > 0 else 0
             if pages == 0:
                 self._finish(request_id, state)
@@ -287,7 +294,12 @@ class StorageTier:
         return True
 
     def _fetch(
-        self, request_id: str, state: Prefetch, namespace: Hashable, keys: list[bytes], store_keys: list[str]
+        self,
+        request_id: str,
+        state: Prefetch,
+        namespace: Hashable,
+        keys: list[bytes],
+        store_keys: list[str],
     ) -> None:
         metas = [self._meta(namespace, k) for k in keys]
         refresh = self.ttl if self.sliding else None
@@ -311,7 +323,7 @@ class StorageTier:
                     pass
             return pages, sum(len(b) for b in blobs[: len(pages)] if b), bad
 
-        def done(result: Any, error: Optional[BaseException]) -> None:
+        def done(result: Any, error: BaseException | None) -> None:
             if error is not None:
                 self._failed(error)
                 self._finish(request_id, state)
@@ -379,7 +391,7 @@ class StorageTier:
         self._absent.clear()
 
 
-def wait_ready(mode: str, state: Optional[Prefetch], budget: float, now: float) -> bool:
+def wait_ready(mode: str, state: Prefetch | None, budget: float, now: float) -> bool:
     """Whether a request may be scheduled given its prefetch and the wait mode."""
     if state is None or state.done or mode == "best_effort":
         return True
@@ -388,6 +400,6 @@ def wait_ready(mode: str, state: Optional[Prefetch], budget: float, now: float) 
     return now - state.submitted_at >= budget
 
 
-def agreed(values: Sequence[int], reduce_min: Optional[Callable[[list[int]], list[int]]]) -> list[int]:
+def agreed(values: Sequence[int], reduce_min: Callable[[list[int]], list[int]] | None) -> list[int]:
     """MIN over TP ranks (identity on a single rank)."""
     return list(values) if reduce_min is None else reduce_min(list(values))

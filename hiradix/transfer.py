@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -28,19 +29,19 @@ from hiradix.kv_copy import CopyHandle, KvCopier
 logger = logging.getLogger(__name__)
 
 CopyDone = Callable[[bool], None]
-IoDone = Callable[[Any, Optional[BaseException]], None]
+IoDone = Callable[[Any, BaseException | None], None]
 
 
 class TransferEngine:
     """Submit/poll front for every copy and store IO. ``poll``/``demote``/``load``/
     ``submit_io`` are called on the scheduler thread only; IO jobs run on worker threads."""
 
-    def __init__(self, copier: Optional[KvCopier] = None, *, io_workers: int = 2):
+    def __init__(self, copier: KvCopier | None = None, *, io_workers: int = 2):
         self.copier = copier
         self.io_workers = io_workers
         self._copies: list[tuple[CopyHandle, CopyDone]] = []
-        self._io_pool: Optional[ThreadPoolExecutor] = None
-        self._io_done: queue.SimpleQueue[tuple[IoDone, Any, Optional[BaseException]]] = (
+        self._io_pool: ThreadPoolExecutor | None = None
+        self._io_done: queue.SimpleQueue[tuple[IoDone, Any, BaseException | None]] = (
             queue.SimpleQueue()
         )
         self._io_in_flight = 0
@@ -82,7 +83,7 @@ class TransferEngine:
         def run() -> None:
             try:
                 result = job()
-            except BaseException as exc:  # delivered to the scheduler thread, never raised here
+            except BaseException as exc:  # noqa: BLE001 - handed to the scheduler thread's callback
                 self._io_done.put((on_done, None, exc))
             else:
                 self._io_done.put((on_done, result, None))
@@ -112,11 +113,11 @@ class TransferEngine:
             self._copies = still
         while True:
             try:
-                on_done, result, error = self._io_done.get_nowait()
+                io_done, result, error = self._io_done.get_nowait()
             except queue.Empty:
                 break
             self._io_in_flight -= 1
-            on_done(result, error)
+            io_done(result, error)
             ran += 1
         return ran
 
@@ -129,14 +130,16 @@ class TransferEngine:
             deadline_left = timeout
             while self._io_in_flight and deadline_left > 0:
                 try:
-                    on_done, result, error = self._io_done.get(timeout=min(0.1, deadline_left))
+                    io_done, result, error = self._io_done.get(timeout=min(0.1, deadline_left))
                 except queue.Empty:
                     deadline_left -= 0.1
                     continue
                 self._io_in_flight -= 1
-                on_done(result, error)
+                io_done(result, error)
             if self._io_in_flight:
-                logger.warning("hiradix: %d store IO jobs still running after drain", self._io_in_flight)
+                logger.warning(
+                    "hiradix: %d store IO jobs still running after drain", self._io_in_flight
+                )
 
     def shutdown(self) -> None:
         self.drain()

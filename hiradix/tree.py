@@ -27,8 +27,9 @@ import heapq
 import logging
 import time
 from array import array
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterator, Optional, Sequence
+from typing import Any
 
 from hiradix.policies.eviction import EvictionOrder, get_eviction_order
 from hiradix.types import PageKey
@@ -53,7 +54,7 @@ class Ticket:
 class TierTtl:
     """Time to live of one tier: ``seconds=None`` keeps pages until evicted."""
 
-    seconds: Optional[float] = None
+    seconds: float | None = None
     sliding: bool = True
 
 
@@ -61,7 +62,7 @@ class TierTtl:
 class TtlRules:
     device: TierTtl = TierTtl()
     host: TierTtl = TierTtl()
-    max_age: Optional[float] = None
+    max_age: float | None = None
 
     @property
     def enabled(self) -> bool:
@@ -74,35 +75,35 @@ class TtlRules:
 
 class Node:
     __slots__ = (
-        "id",
-        "parent",
-        "children",
-        "tokens",
-        "l1",
-        "l2",
-        "l2_ticket",
-        "l2_pins",
-        "lock_ref",
-        "hits",
-        "priority",
-        "last_access",
-        "created_tick",
-        "created_at",
         "accessed_at",
-        "l1_at",
-        "l2_at",
+        "children",
+        "created_at",
+        "created_tick",
+        "hits",
+        "id",
         "keys",
+        "l1",
+        "l1_at",
+        "l2",
+        "l2_at",
+        "l2_pins",
+        "l2_ticket",
+        "last_access",
+        "lock_ref",
         "namespace",
+        "parent",
+        "priority",
+        "tokens",
     )
 
-    def __init__(self, node_id: int, tokens: array, parent: Optional[Node], tick: int, now: float):
+    def __init__(self, node_id: int, tokens: array, parent: Node | None, tick: int, now: float):
         self.id = node_id
         self.parent = parent
         self.children: dict[Hashable, Node] = {}
         self.tokens = tokens
         self.l1: Any = None
         self.l2: Any = None
-        self.l2_ticket: Optional[Ticket] = None
+        self.l2_ticket: Ticket | None = None
         self.l2_pins = 0  # loads from L2 in flight: the host copy must stay
         self.lock_ref = 0
         self.hits = 0
@@ -113,7 +114,7 @@ class Node:
         self.accessed_at = now
         self.l1_at = now
         self.l2_at = now
-        self.keys: Optional[list[PageKey]] = None
+        self.keys: list[PageKey] | None = None
         self.namespace: Hashable = parent.namespace if parent is not None else None
 
     def __len__(self) -> int:
@@ -213,12 +214,12 @@ class RadixTree:
         self.l1_leaves: set[Node] = set()
         self.l2_leaves: set[Node] = set()
 
-    def _new_node(self, tokens: array, parent: Optional[Node]) -> Node:
+    def _new_node(self, tokens: array, parent: Node | None) -> Node:
         node = Node(self._next_id, tokens, parent, self._tick, self.clock())
         self._next_id += 1
         return node
 
-    def _ns_root(self, namespace: Hashable, create: bool) -> Optional[Node]:
+    def _ns_root(self, namespace: Hashable, create: bool) -> Node | None:
         node = self.ns_roots.get(namespace)
         if node is None and create:
             node = self._new_node(array("q"), self.root)
@@ -255,9 +256,8 @@ class RadixTree:
             child = node.children.get(self._child_key(tokens, pos))
             if child is None:
                 break
-            if self.ttl.enabled and self._expire_if_due(child, now):
-                if child.parent is None:  # removed with its subtree
-                    break
+            if self.ttl.enabled and self._expire_if_due(child, now) and child.parent is None:
+                break  # expired and removed with its subtree
             matched = common_prefix_len(child.tokens, tokens, pos)
             matched -= matched % self.page_size
             if matched == 0:
@@ -363,8 +363,19 @@ class RadixTree:
         assert parent is not None
         upper = self._new_node(child.tokens[:at], parent)
         upper.namespace = child.namespace
-        for attr in ("lock_ref", "hits", "priority", "last_access", "created_tick",
-                     "created_at", "accessed_at", "l1_at", "l2_at", "l2_ticket", "l2_pins"):
+        for attr in (
+            "lock_ref",
+            "hits",
+            "priority",
+            "last_access",
+            "created_tick",
+            "created_at",
+            "accessed_at",
+            "l1_at",
+            "l2_at",
+            "l2_ticket",
+            "l2_pins",
+        ):
             setattr(upper, attr, getattr(child, attr))
         if child.l1 is not None:
             upper.l1, child.l1 = child.l1[:at], child.l1[at:]
@@ -412,14 +423,18 @@ class RadixTree:
     def _update_leaf(self, node: Node) -> None:
         if node.parent is None or node.parent is self.root:
             return
-        if node.l1 is not None and node.lock_ref == 0 and not any(
-            c.l1 is not None for c in node.children.values()
+        if (
+            node.l1 is not None
+            and node.lock_ref == 0
+            and not any(c.l1 is not None for c in node.children.values())
         ):
             self.l1_leaves.add(node)
         else:
             self.l1_leaves.discard(node)
-        if node.l2_ready and node.l2_pins == 0 and not any(
-            c.l2 is not None for c in node.children.values()
+        if (
+            node.l2_ready
+            and node.l2_pins == 0
+            and not any(c.l2 is not None for c in node.children.values())
         ):
             self.l2_leaves.add(node)
         else:
@@ -491,7 +506,7 @@ class RadixTree:
         while top.parent is not None and top.parent.l2_ticket is ticket:
             top = top.parent
         if ok:
-            cur: Optional[Node] = node
+            cur: Node | None = node
             while cur is not None and cur.l2_ticket is ticket:
                 cur.l2_ticket = None
                 if cur.parent is not None:
@@ -588,7 +603,7 @@ class RadixTree:
         self._update_leaf(node)
         return n - pos, unused
 
-    def attach_l2(self, node: Node, slots: Any, ticket: Optional[Ticket]) -> None:
+    def attach_l2(self, node: Node, slots: Any, ticket: Ticket | None) -> None:
         """Record host slots for ``node`` (filled when ``ticket`` completes)."""
         if node.l2 is not None:
             raise ValueError(f"{node!r} already has host slots")
@@ -784,7 +799,7 @@ class RadixTree:
         assert host == self.l2_tokens, (host, self.l2_tokens)
 
     def dump(self, limit: int = 200) -> str:
-        lines = []
+        lines: list[str] = []
 
         def walk(node: Node, depth: int) -> None:
             if len(lines) >= limit:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from typing import Hashable, NewType
+from collections.abc import Hashable
+from typing import NewType
 
 #: One content key per page: a digest chained over (previous key, token ids), seeded by the
 #: namespace. Two pages share a key only when their whole prefix and namespace match.

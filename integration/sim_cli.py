@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="replay only the first N requests")
     parser.add_argument("--page-size", type=int, default=64, help="tree page size (tokens)")
     parser.add_argument("--tick", type=float, default=1.0, help="policy tick (virtual s)")
-    parser.add_argument("--lanes", type=int, default=1, help="prefills at a time")
+    parser.add_argument(
+        "--lanes",
+        type=int,
+        default=1,
+        help="prefill instances (each a whole server with its own links); same for every run",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

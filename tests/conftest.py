@@ -11,16 +11,16 @@ if os.environ.get("HIRADIX_GPU_TESTS") != "1":
 
 # In-process tests import SGLang modules that import torchvision at module level; on a CPU
 # machine the import-only stand-in serves (never when a real torchvision is installed).
-import importlib.util  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import importlib.util
+import sys
+from pathlib import Path
 
 _STANDIN = Path(__file__).resolve().parent.parent / "cpu_standins" / "torchvision_standin"
 if importlib.util.find_spec("torchvision") is None and _STANDIN.is_dir():
     sys.path.insert(0, str(_STANDIN))
 
 
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session", autouse=False)
@@ -45,7 +45,9 @@ def pytest_collection_modifyitems(config, items):
     """GPU tests run only where CUDA is visible (``HIRADIX_GPU_TESTS=1`` on a GPU host)."""
     if os.environ.get("HIRADIX_GPU_TESTS") == "1":
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device: run HIRADIX_GPU_TESTS=1 pytest -m gpu on a GPU host")
+    skip = pytest.mark.skip(
+        reason="needs a CUDA device: run HIRADIX_GPU_TESTS=1 pytest -m gpu on a GPU host"
+    )
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from sglang.srt.managers.schedule_batch import ReqKvInfo
@@ -32,6 +32,7 @@ def publish_test_config() -> Any:
     override.install()
     return override
 
+
 MOD = 1 << 23  # float32 represents every integer below 2**24 exactly
 
 
@@ -47,7 +48,7 @@ def prefix_code(tokens: Any, ns: str = "") -> list[int]:
 class SimReq:
     """The slice of ``Req`` that the prefix cache and ``release_kv_cache`` read."""
 
-    def __init__(self, rid: str, ids: list[int], extra_key: Optional[str] = None):
+    def __init__(self, rid: str, ids: list[int], extra_key: str | None = None):
         self.rid = rid
         self.origin_input_ids = array("q", ids)
         self.output_ids: list[int] = []

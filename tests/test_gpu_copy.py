@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from hiradix.backends.host_slab import HostSlab
+
 from hiradix.kv_copy import CpuKvCopier, CudaKvCopier, LayerEvents, make_copier
 from hiradix.transfer import TransferEngine
 
@@ -22,9 +22,17 @@ LAYERS, SLOTS, HEADS, DIM = 4, 4096, 8, 128
 
 def make_pool(dtype=torch.bfloat16):
     gen = torch.Generator(device="cuda").manual_seed(0)
-    k = [torch.randn(SLOTS, HEADS, DIM, device="cuda", dtype=dtype, generator=gen) for _ in range(LAYERS)]
-    v = [torch.randn(SLOTS, HEADS, DIM, device="cuda", dtype=dtype, generator=gen) for _ in range(LAYERS)]
-    slab = HostSlab(2048, layers=LAYERS, heads=HEADS, head_dim=DIM, dtype=dtype, page_size=16, pin_memory=True)
+    k = [
+        torch.randn(SLOTS, HEADS, DIM, device="cuda", dtype=dtype, generator=gen)
+        for _ in range(LAYERS)
+    ]
+    v = [
+        torch.randn(SLOTS, HEADS, DIM, device="cuda", dtype=dtype, generator=gen)
+        for _ in range(LAYERS)
+    ]
+    slab = HostSlab(
+        2048, layers=LAYERS, heads=HEADS, head_dim=DIM, dtype=dtype, page_size=16, pin_memory=True
+    )
     return k, v, slab
 
 

@@ -335,3 +335,45 @@ def test_example_custom_policy_loads_from_its_yaml(monkeypatch: pytest.MonkeyPat
     run = TierRun(0, 0, 1536)
     got = [guarded.on_arrival(arrival(float(i), view, run=run)) for i in range(4)]
     assert [len(p) for p in got] == [0, 1, 0, 1] and not guarded.disabled
+
+
+def test_tree_view_resident_run_is_read_only() -> None:
+    from hiradix.policies.views import RadixTreeView
+    from hiradix.tree import RadixTree
+
+    tree = RadixTree(4)
+    tokens = array("q", range(16))
+    tree.insert("ns", tokens, range(16))
+    tree.insert("ns", array("q", range(8)) + array("q", [99] * 8), range(16))
+    view = RadixTreeView(tree, {Tier.L1: 64.0, Tier.L2: 0.0})
+    before = [(n.id, n.last_access, len(n)) for n in tree.iter_nodes()]
+    assert view.resident_run("ns", tokens) == TierRun(16, 0, 0)
+    assert view.resident_run("ns", array("q", range(12))) == TierRun(12, 0, 0)
+    assert view.resident_run("ns", array("q", [7] * 8)) == TierRun()
+    assert view.resident_run("other", tokens) == TierRun()
+    assert [(n.id, n.last_access, len(n)) for n in tree.iter_nodes()] == before
+
+
+class ResidentView(CapView):
+    def resident_run(self, namespace: object, tokens: object) -> TierRun:
+        return TierRun(0, 10**9, 0)
+
+
+@pytest.mark.parametrize("name", ["session", "pattern"])
+def test_staging_skips_resident_paths_and_keeps_a_budget(name: str) -> None:
+    policy = create_policy(config(name, lead_s=2.0, l2_budget=0.001))
+    for i in range(5):  # five prefixes, each reused after 20 s
+        doc = path(10 * i + 1, 10 * i + 2, 10 * i + 3, 10 * i + 4)
+        for k, t in enumerate((0.0, 20.0)):
+            policy.on_arrival(arrival(t + i * 0.01, doc, f"{i}-{k}", f"s{i}"))
+            policy.on_finish(finish(t + i * 0.01 + 1, doc, f"{i}-{k}", f"s{i}"))
+    assert stages(policy.on_tick(TickEvent(60.0, ResidentView()))) == []  # all resident
+    policy = create_policy(config(name, lead_s=2.0, l2_budget=0.001))
+    for i in range(5):
+        doc = path(10 * i + 1, 10 * i + 2, 10 * i + 3, 10 * i + 4)
+        for k, t in enumerate((0.0, 20.0)):
+            policy.on_arrival(arrival(t + i * 0.01, doc, f"{i}-{k}", f"s{i}"))
+            policy.on_finish(finish(t + i * 0.01 + 1, doc, f"{i}-{k}", f"s{i}"))
+    first = stages(policy.on_tick(tick(39.5)))
+    assert len(first) == 1  # 1000-token budget: one path per tick, the rest deferred
+    assert all(p.tier is Tier.L2 for p in first)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from hiradix.integration.sglang.cache import HiRadixCache
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang_sim import Scheduler, SimReq, idle_total, make_pools
 
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams
-
 from hiradix.config import parse_config
-from hiradix.integration.sglang.cache import HiRadixCache
 
 pytestmark = pytest.mark.usefixtures("sglang_context")
 
@@ -38,7 +37,7 @@ def test_repeat_prefix_hits_and_serves_the_right_kv(page_size):
 
 
 def test_namespaces_are_isolated():
-    cache, pools, sched = make()
+    _, _, sched = make()
     prompt = list(range(50))
     sched.run(SimReq("a", prompt, extra_key="lora-1"))
     assert sched.run(SimReq("b", prompt, extra_key="lora-2")) == 0
@@ -127,7 +126,9 @@ def host_accounted(cache) -> bool:
 def test_host_tier_serves_evicted_prefixes_with_the_right_kv(page_size, policy):
     """L1 holds a fraction of the working set, L2 all of it: the second pass loads back
     from host, and every loaded page carries exactly the KV of its tokens."""
-    cache, pools, sched = make_tiered(page_size, size=256, write_policy=policy, write_through_hits=1)
+    cache, pools, sched = make_tiered(
+        page_size, size=256, write_policy=policy, write_through_hits=1
+    )
     rng = random.Random(3)
     prompts = [[rng.randrange(1000) for _ in range(60)] for _ in range(12)]
     for i, p in enumerate(prompts):
@@ -177,8 +178,6 @@ class ManualCopier:
         self.pending = []
 
     def device_to_host(self, device_idx, host_idx):
-        copier = self
-
         class Handle:
             finished = False
             fail = False

@@ -7,12 +7,12 @@ import random
 import time
 
 import pytest
-from sglang_sim import Scheduler, SimReq, idle_total, make_pools
-
 from hiradix.backends.faults import FaultyStore
-from hiradix.config import parse_config
 from hiradix.integration.procs import RedisServer
 from hiradix.integration.sglang.cache import HiRadixCache
+from sglang_sim import Scheduler, SimReq, idle_total, make_pools
+
+from hiradix.config import parse_config
 
 pytestmark = pytest.mark.usefixtures("sglang_context")
 
@@ -56,7 +56,7 @@ def settle(cache):
 
 
 def test_second_server_reuses_first_servers_pages(store_cfg):
-    cache_a, pools_a, sched_a = server(store_cfg)
+    cache_a, _, sched_a = server(store_cfg)
     prompt = [random.Random(1).randrange(1000) for _ in range(100)]
     sched_a.run(SimReq("a", prompt))
     settle(cache_a)
@@ -77,7 +77,9 @@ def test_second_server_reuses_first_servers_pages(store_cfg):
 
 
 def test_tiny_l1_and_l2_large_l3_serves_from_l3(store_cfg):
-    cache, pools, sched = server(store_cfg, size=192, host=16 * 1024)  # host: 1 KiB/token -> 16 tokens... small
+    cache, pools, sched = server(
+        store_cfg, size=192, host=16 * 1024
+    )  # host: 1 KiB/token -> 16 tokens... small
     rng = random.Random(2)
     prompts = [[rng.randrange(1000) for _ in range(80)] for _ in range(8)]
     for i, p in enumerate(prompts):
@@ -120,7 +122,7 @@ def test_corrupt_pages_are_misses_deleted_and_counted(tmp_path):
     sched_a.run(SimReq("a", prompt))
     settle(cache_a)
 
-    cache, pools, sched = server(store)
+    cache, _, sched = server(store)
     inner = cache.storage.store
     cache.storage.store = FaultyStore(inner, corrupt_rate=1.0)
     req = SimReq("b", prompt)

@@ -197,3 +197,60 @@ def test_cost_model_and_profiles() -> None:
     assert get_profile("llama3-8b-h100").model.kv_bytes_per_token == 131_072
     with pytest.raises(ValueError, match="allowed"):
         get_profile("tpu")
+
+
+def test_link_pool_and_layerwise_overlap() -> None:
+    from hiradix.sim.cost import LinkPool, overlapped
+
+    pool = LinkPool("x", LinkSpec(1e9, 0.0), instances=2)
+    assert pool.submit(0.0, 10**9) == pytest.approx(1.0)
+    assert pool.submit(0.0, 10**9) == pytest.approx(1.0)  # second instance's own path
+    assert pool.submit(0.0, 10**9) == pytest.approx(2.0)  # never faster than one path
+    assert pool.bytes_moved == 3 * 10**9
+    # a load overlapped layer by layer costs the slower stage plus one layer of the other
+    assert overlapped(1.0, 0.0, 80) == 1.0
+    assert overlapped(1.0, 0.5, 80) == pytest.approx(1.0 + 0.5 / 80)
+    assert overlapped(0.5, 1.0, 80) == pytest.approx(1.0 + 0.5 / 80)
+
+
+def test_waiting_for_l3_holds_no_lane(tmp_path: Path) -> None:
+    """A request whose L3 read is landing is passed over; the one behind it starts at
+    once (SGLang skips requests whose prefetch is in progress)."""
+    from hiradix.config import WaitMode
+    from hiradix.policies.base import GuardedPolicy
+    from hiradix.policies.builtin import NonePolicy
+    from hiradix.sim.engine import SimSettings, Simulator
+    from hiradix.sim.replay import TraceRequest
+
+    doc = tuple(range(100, 140))  # 20480 tokens
+    requests = [
+        TraceRequest(0, 0.0, 512 * len(doc), 1, doc),  # writes the document through to L3
+        TraceRequest(1, 100.0, 512 * 60, 1, tuple(range(1000, 1060))),  # evicts it
+        TraceRequest(2, 200.0, 512 * len(doc), 1, doc),  # reads it back from L3
+        TraceRequest(3, 200.001, 512, 1, (5000,)),  # a short one right behind it
+    ]
+    settings = SimSettings(
+        l1_tokens=40960,
+        l2_tokens=40960,
+        l3_kind="nvme",  # eight drives: faster than recomputing, so worth waiting for
+        wait=WaitMode.WAIT_COMPLETE,
+        lanes=1,
+        read_batch_tokens=8192,
+    )
+    profile = get_profile("llama3-70b-tp8-h100")
+    sim = Simulator(requests, profile, settings, GuardedPolicy(NonePolicy()))
+    records = sim.run().records
+    reader, short = records[2], records[3]
+    assert reader.l3_hit > 0 and reader.wait_s > 0
+    # the short request did not queue behind the reader's wait
+    assert short.ttft < reader.wait_s
+    assert short.ttft == pytest.approx(profile.model.prefill_time(512, 0), rel=0.05)
+
+
+def test_utilization_is_per_lane(trace: Path) -> None:
+    requests = load_trace(trace)
+    one = SimOptions(profile="llama3-8b-h100", l1_tokens=8192, l2_tokens=40960, lanes=1)
+    two = SimOptions(profile="llama3-8b-h100", l1_tokens=8192, l2_tokens=40960, lanes=2)
+    util_one = simulate(config("none"), requests, one)[0]["utilization"]
+    util_two = simulate(config("none"), requests, two)[0]["utilization"]
+    assert 0 < util_two < util_one <= 1.0

@@ -549,6 +549,7 @@ def store_config(kind: str, tmp_path: Path, url: str = "redis://127.0.0.1:1/0") 
         kind=StoreKind(kind) if kind in {k.value for k in StoreKind} else kind,  # type: ignore[arg-type]
         presence_ttl=10.0,
         write_queue_pages=16,
+        block_tokens=64,
         nvme=NvmeConfig(path=str(tmp_path / "nv"), size_bytes=1 << 20, fsync=False),
         redis=redis_cfg(url),
         memory=MemoryStoreConfig(size_bytes=1 << 20),

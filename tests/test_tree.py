@@ -167,9 +167,7 @@ def test_failed_host_write_rolls_back():
 
 def test_ttl_sliding_and_absolute_on_fake_clock():
     clock = FakeClock()
-    tree, pool, _ = make_tree(
-        ttl=TtlRules(device=TierTtl(10.0, sliding=True)), clock=clock
-    )
+    tree, pool, _ = make_tree(ttl=TtlRules(device=TierTtl(10.0, sliding=True)), clock=clock)
     a = seq(1, 2, 3)
     tree.insert(None, a, pool.alloc(None, a))
     clock.now += 8

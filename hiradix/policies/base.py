@@ -166,6 +166,11 @@ class TreeView(Protocol):
     def path_tokens(self, path_id: int) -> PathView | None:
         """The tokens of a path from :meth:`paths`, or ``None`` if it is gone."""
 
+    def resident_run(self, namespace: Hashable, tokens: TokenSeq) -> TierRun:
+        """How much of the prefix ``tokens`` is on device, then in host memory (ready
+        copies only; ``l3_tokens`` is always 0: the store is not asked). Cost: one walk
+        down the tree along ``tokens``; no recency, split or expiry."""
+
 
 class EmptyTreeView:
     """A :class:`TreeView` of an empty tree with no capacity (tests, edge cases)."""
@@ -184,6 +189,9 @@ class EmptyTreeView:
 
     def path_tokens(self, path_id: int) -> PathView | None:
         return None
+
+    def resident_run(self, namespace: Hashable, tokens: TokenSeq) -> TierRun:
+        return TierRun()
 
 
 # --------------------------------------------------------------------------- events

@@ -74,6 +74,40 @@ def stage_l3_run(event: ArrivalEvent, *, chunk_tokens: int = 0, priority: int = 
     return plans
 
 
+class TickBudget:
+    """Tokens a policy may stage per tick into each tier: ``share`` of the tier's
+    capacity, so that staging never crowds out what requests are using. One path per
+    tier and tick always fits when the share is not 0 (a path longer than the share
+    would otherwise never be staged); it may not exceed half the tier."""
+
+    __slots__ = ("left", "taken", "whole")
+
+    def __init__(self, event: TickEvent, l1_share: float, l2_share: float):
+        tree = event.tree
+        self.whole = {Tier.L1: tree.capacity(Tier.L1), Tier.L2: tree.capacity(Tier.L2)}
+        self.left = {
+            Tier.L1: self.whole[Tier.L1] * l1_share,
+            Tier.L2: self.whole[Tier.L2] * l2_share,
+        }
+        self.taken = {Tier.L1: False, Tier.L2: False}
+
+    def take(self, tier: Tier, tokens: int) -> bool:
+        first = not self.taken[tier] and self.left[tier] > 0 and tokens <= self.whole[tier] / 2
+        if self.left[tier] < tokens and not first:
+            return False
+        self.left[tier] -= tokens
+        self.taken[tier] = True
+        return True
+
+
+def needs_staging(event: TickEvent, namespace: Hashable, tokens: Any, tier: Tier) -> bool:
+    """Whether ``tokens`` is not yet all in ``tier`` or above (a plan for a resident
+    path would only cost the engine a lookup, and a budget share)."""
+    run = event.tree.resident_run(namespace, tokens)
+    held = run.l1_tokens if tier is Tier.L1 else run.l1_tokens + run.l2_tokens
+    return held < len(tokens)
+
+
 class NonePolicy(PrefetchPolicy):
     """``none``: never prefetches. L3 hits are read only when a request is scheduled (and
     only under the ``wait_complete`` / ``timeout`` wait modes). No options."""
@@ -116,8 +150,11 @@ class SessionPolicy(PrefetchPolicy):
     """``session``: multi-turn conversations. When a request finishes, its path is kept as
     the session's; shortly before the session's next turn is expected (its finish time
     plus its learned think time, minus ``lead_s``) the path is staged back up, so the next
-    turn finds it in L2 (and in L1 with ``l1_lead_s``) instead of L3. Arrivals also stage
-    their L3 run (as ``arrival``).
+    turn finds it in L2 instead of L3 (and in L1 with ``l1_lead_s`` > 0; off by default:
+    a turn's time is a guess, and L1 is too small to hold guesses). Each tick stages at
+    most ``l2_budget`` of L2's capacity and ``l1_budget`` of L1's, soonest first, and
+    skips paths already resident; what does not fit waits for the next tick until its
+    expected time has passed. Arrivals also stage their L3 run (as ``arrival``).
 
     A session is ``session_id`` when the request has one; otherwise the next turn is
     recognised by extending a finished path: the last ``index_blocks`` block keys of each
@@ -127,10 +164,12 @@ class SessionPolicy(PrefetchPolicy):
 
     Options (defaults): ``block_tokens`` (512) prefix-key granularity; ``think_time_s``
     (30.0) prior think time; ``lead_s`` (5.0) how long before the expected return to
-    stage; ``l1_lead_s`` (1.0, 0 = never) how long before it to stage into L1 as well;
-    ``ema`` (0.5); ``min_tokens`` (512) shorter paths are not tracked; ``index_blocks``
-    (4); ``max_sessions`` (20000, least recently active dropped first); ``max_idle_s``
-    (1800.0) a session not back after this long is forgotten; ``stage_on_arrival`` (true).
+    stage; ``l1_lead_s`` (0.0 = never) how long before it to stage into L1 as well;
+    ``l2_budget`` (0.05) and ``l1_budget`` (0.01) shares of a tier's capacity staged per
+    tick; ``ema`` (0.5); ``min_tokens`` (512) shorter paths are not tracked;
+    ``index_blocks`` (4); ``max_sessions`` (20000, least recently active dropped first);
+    ``max_idle_s`` (1800.0) a session not back after this long is forgotten;
+    ``stage_on_arrival`` (true).
     """
 
     name = "session"
@@ -141,7 +180,9 @@ class SessionPolicy(PrefetchPolicy):
         block_tokens: int = 512,
         think_time_s: float = 30.0,
         lead_s: float = 5.0,
-        l1_lead_s: float = 1.0,
+        l1_lead_s: float = 0.0,
+        l2_budget: float = 0.05,
+        l1_budget: float = 0.01,
         ema: float = 0.5,
         min_tokens: int = 512,
         index_blocks: int = 4,
@@ -153,6 +194,8 @@ class SessionPolicy(PrefetchPolicy):
         self.prior = _positive(think_time_s, "think_time_s")
         self.lead = _positive(lead_s, "lead_s", zero=True)
         self.l1_lead = _positive(l1_lead_s, "l1_lead_s", zero=True)
+        self.l2_budget = _positive(l2_budget, "l2_budget", zero=True)
+        self.l1_budget = _positive(l1_budget, "l1_budget", zero=True)
         self.ema = _positive(ema, "ema")
         if self.ema > 1:
             raise ValueError(f"prefetch.options.ema: {ema!r}; allowed: (0, 1]")
@@ -252,17 +295,30 @@ class SessionPolicy(PrefetchPolicy):
 
     def on_tick(self, event: TickEvent) -> Sequence[Plan]:
         plans: list[Plan] = []
+        budget = TickBudget(event, self.l1_budget, self.l2_budget)
+        deferred = []
         while self._heap and self._heap[0][0] <= event.now:
-            _, _, sid, version, tier = heapq.heappop(self._heap)
+            item = heapq.heappop(self._heap)
+            _, _, sid, version, tier = item
             session = self._sessions.get(sid)
             if session is None or session.version != version or session.path is None:
                 continue
-            assert session.finished_at is not None
+            if session.finished_at is None:
+                continue
             if event.now - session.finished_at > self.max_idle:
                 self._forget(sid)
                 continue
             expected = self.expected_return(session) or event.now
-            plans.append(Stage(session.namespace, session.path.tokens, tier, expected, 1))
+            tokens = session.path.tokens
+            if not needs_staging(event, session.namespace, tokens, tier):
+                continue
+            if not budget.take(tier, len(tokens)):
+                if expected > event.now:
+                    deferred.append(item)  # try again next tick while still ahead of time
+                continue
+            plans.append(Stage(session.namespace, tokens, tier, expected, 1))
+        for item in deferred:
+            heapq.heappush(self._heap, item)
         return plans
 
 
@@ -288,7 +344,8 @@ class HotPolicy(PrefetchPolicy):
     Options (defaults): ``block_tokens`` (512); ``max_prefix_tokens`` (32768);
     ``min_requests`` (3.0, decayed count); ``half_life_s`` (300.0); ``refresh_s`` (5.0);
     ``l1_budget`` (0.25); ``l2_budget`` (0.5); ``max_prefixes`` (200000, the coldest
-    dropped first); ``stage_on_arrival`` (true).
+    dropped first); ``stage_on_arrival`` (true). Prefixes already resident are skipped
+    (they cost no budget).
     """
 
     name = "hot"
@@ -383,7 +440,7 @@ class HotPolicy(PrefetchPolicy):
         for namespace, prefix, _count in self.hot_prefixes(event.now):
             size = len(prefix.tokens)
             for tier in (Tier.L2, Tier.L1):
-                if budgets[tier] >= size:
+                if budgets[tier] >= size and needs_staging(event, namespace, prefix.tokens, tier):
                     budgets[tier] -= size
                     plans.append(Stage(namespace, prefix.tokens, tier, event.now, 0))
             if budgets[Tier.L2] < self.block:
@@ -403,23 +460,39 @@ class _Reuse:
         self.version = 0
 
 
-class PatternPolicy(PrefetchPolicy):
-    """``pattern``: learns each prefix's reuse interval and stages what it predicts.
+class _Block:
+    __slots__ = ("fresh_after_share", "last", "reused")
 
-    Every request's path is recorded at its block-aligned end (and, for sessions, its
-    previous turn's end): count, last use and an EMA of the intervals between uses (the
-    first reuse of any path is predicted with the running average of first-reuse gaps).
-    A prefix predicted to be used again within ``horizon_s`` is staged into L2
-    ``lead_s`` before it is due and into L1 ``l1_lead_s`` before; a path used once
-    whose reuse rate so far is below ``cold_below`` is marked cold at finish when it is
-    longer than ``cold_min_tokens``, so it leaves L1 before shared prefixes do. Arrivals
-    read their L3 run ahead in order, in chunks of ``readahead_tokens``. Predictions
-    that come true are not re-staged until the prefix is used again.
+    def __init__(self, now: float, fresh_after_share: bool):
+        self.last = now
+        self.fresh_after_share = fresh_after_share
+        self.reused = False
+
+
+class PatternPolicy(PrefetchPolicy):
+    """``pattern``: learns how shared prefixes are reused and stages what it predicts.
+
+    On each arrival the prompt's block keys are looked up among the blocks seen before;
+    the deepest one found ends the prefix this request shares with earlier ones (many
+    requests share long prefixes: documents, tool outputs, conversation history). That
+    prefix's use is recorded: count, last use and an EMA of the intervals between uses.
+    A shared prefix predicted to be used again within ``horizon_s`` is staged into L2
+    ``lead_s`` before it is due (into L1 ``l1_lead_s`` before; off by default), at most
+    ``l2_budget`` / ``l1_budget`` of the tier's capacity per tick, soonest first; a
+    prefix already resident is skipped.
+
+    It also learns how often the blocks a request adds are reused later, separately for
+    requests that shared a prefix (their private tail) and requests that shared nothing.
+    When a finished request's kind is reused less than ``cold_below`` (learned over at
+    least ``cold_min_blocks`` blocks) and it added at least ``cold_min_tokens``, its
+    path is marked cold: it leaves L1 and L2 before shared prefixes do (its L3 copy
+    stays). Arrivals read their L3 run ahead in order, in chunks of ``readahead_tokens``.
 
     Options (defaults): ``block_tokens`` (512); ``horizon_s`` (600.0); ``lead_s``
-    (5.0); ``l1_lead_s`` (1.0, 0 = never); ``ema`` (0.5); ``first_reuse_s`` (30.0) prior
-    of the first-reuse gap; ``readahead_tokens`` (8192, 0 = one plan);
-    ``cold_min_tokens`` (16384); ``cold_below`` (0.2); ``max_prefixes`` (100000).
+    (5.0); ``l1_lead_s`` (0.0 = never); ``l2_budget`` (0.05); ``l1_budget`` (0.01);
+    ``ema`` (0.5); ``readahead_tokens`` (8192, 0 = one plan); ``cold_min_tokens``
+    (4096); ``cold_below`` (0.2); ``cold_min_blocks`` (32); ``max_prefixes`` (100000,
+    shared prefixes tracked); ``max_blocks`` (400000, block keys remembered).
     """
 
     name = "pattern"
@@ -430,83 +503,92 @@ class PatternPolicy(PrefetchPolicy):
         block_tokens: int = 512,
         horizon_s: float = 600.0,
         lead_s: float = 5.0,
-        l1_lead_s: float = 1.0,
+        l1_lead_s: float = 0.0,
+        l2_budget: float = 0.05,
+        l1_budget: float = 0.01,
         ema: float = 0.5,
-        first_reuse_s: float = 30.0,
         readahead_tokens: int = 8192,
-        cold_min_tokens: int = 16384,
+        cold_min_tokens: int = 4096,
         cold_below: float = 0.2,
+        cold_min_blocks: int = 32,
         max_prefixes: int = 100000,
+        max_blocks: int = 400000,
     ) -> None:
         self.block = _count(block_tokens, "block_tokens")
         self.horizon = _positive(horizon_s, "horizon_s")
         self.lead = _positive(lead_s, "lead_s", zero=True)
         self.l1_lead = _positive(l1_lead_s, "l1_lead_s", zero=True)
+        self.l2_budget = _positive(l2_budget, "l2_budget", zero=True)
+        self.l1_budget = _positive(l1_budget, "l1_budget", zero=True)
         self.ema = _positive(ema, "ema")
         if self.ema > 1:
             raise ValueError(f"prefetch.options.ema: {ema!r}; allowed: (0, 1]")
-        self.first_reuse = _positive(first_reuse_s, "first_reuse_s")
         self.readahead = _count(readahead_tokens, "readahead_tokens", 0)
         self.cold_min = _count(cold_min_tokens, "cold_min_tokens", 0)
         self.cold_below = _positive(cold_below, "cold_below", zero=True)
+        self.cold_min_blocks = _count(cold_min_blocks, "cold_min_blocks", 0)
         self.max_prefixes = _count(max_prefixes, "max_prefixes")
+        self.max_blocks = _count(max_blocks, "max_blocks")
         self._paths: OrderedDict[tuple[Hashable, bytes], _Reuse] = OrderedDict()
+        self._blocks: OrderedDict[tuple[Hashable, bytes], _Block] = OrderedDict()
         self._heap: list[tuple[float, int, tuple[Hashable, bytes], int, Tier]] = []
         self._seq = 0
-        self._ends = 0  # paths recorded
-        self._reused = 0  # of which used again
+        # [kind] where kind 0: added by a request that shared nothing, 1: after a share
+        self._added = [0, 0]
+        self._added_reused = [0, 0]
+        self._requests: dict[str, tuple[int, int]] = {}  # request id -> (kind, added)
 
-    @property
-    def reuse_rate(self) -> float:
-        """Share of recorded paths used again so far (0.5 before anything is known)."""
-        return (self._reused + 1) / (self._ends + 2)
+    def reuse_rate(self, after_share: bool) -> float:
+        """Share of the blocks added by requests of that kind that were used again."""
+        kind = int(after_share)
+        return (self._added_reused[kind] + 1) / (self._added[kind] + 2)
 
     def predicted(self, entry: _Reuse) -> float:
-        return entry.last + (entry.interval if entry.interval is not None else self.first_reuse)
+        return entry.last + (entry.interval if entry.interval is not None else self.horizon)
 
-    def _hit(self, namespace: Hashable, path: PathView, now: float) -> _Reuse | None:
-        """The deepest recorded path that ``path`` extends, updated as used now."""
-        for key in reversed(path.prefix_keys(self.block)):
-            entry = self._paths.get((namespace, key))
-            if entry is None:
-                continue
-            gap = now - entry.last
-            if entry.count == 1:
-                self._reused += 1
-                self.first_reuse = 0.1 * gap + 0.9 * self.first_reuse
-            entry.interval = (
-                gap
-                if entry.interval is None
-                else (self.ema * gap + (1 - self.ema) * entry.interval)
-            )
-            entry.count += 1
-            entry.last = now
-            entry.version += 1
-            self._paths.move_to_end((namespace, key))
-            return entry
-        return None
-
-    def _record(self, namespace: Hashable, path: PathView, now: float) -> _Reuse | None:
+    def _observe(self, namespace: Hashable, path: PathView, now: float) -> tuple[int, float]:
+        """Record the blocks of ``path``; (blocks shared with earlier requests, when the
+        deepest of them was used last before now)."""
         keys = path.prefix_keys(self.block)
-        if not keys:
-            return None
-        key = (namespace, keys[-1])
+        shared = 0
+        previous = now
+        for key in keys:
+            block = self._blocks.get((namespace, key))
+            if block is None:
+                break
+            shared += 1
+            previous = block.last
+            if not block.reused:
+                block.reused = True
+                self._added_reused[int(block.fresh_after_share)] += 1
+            block.last = now
+            self._blocks.move_to_end((namespace, key))
+        for key in keys[shared:]:
+            self._blocks[(namespace, key)] = _Block(now, shared > 0)
+        self._added[int(shared > 0)] += len(keys) - shared
+        while len(self._blocks) > self.max_blocks:
+            self._blocks.popitem(last=False)
+        return shared, previous
+
+    def _record(
+        self, namespace: Hashable, path: PathView, shared: int, previous: float, now: float
+    ) -> None:
+        key = (namespace, path.prefix_keys(self.block)[shared - 1])
         entry = self._paths.get(key)
+        gap = now - previous
         if entry is None:
-            entry = self._paths[key] = _Reuse(namespace, path.prefix(len(keys) * self.block), now)
-            self._ends += 1
+            entry = self._paths[key] = _Reuse(namespace, path.prefix(shared * self.block), now)
+            entry.interval = gap
         else:
-            entry.last = now
-            entry.version += 1
+            entry.interval = self.ema * gap + (1 - self.ema) * (entry.interval or gap)
+        entry.count += 1
+        entry.last = now
+        entry.version += 1
         self._paths.move_to_end(key)
-        self._push(key, entry)
         while len(self._paths) > self.max_prefixes:
             self._paths.popitem(last=False)
-        return entry
-
-    def _push(self, key: tuple[Hashable, bytes], entry: _Reuse) -> None:
         due = self.predicted(entry)
-        if due - entry.last > self.horizon:
+        if due - now > self.horizon:
             return
         for lead, tier in ((self.lead, Tier.L2), (self.l1_lead, Tier.L1)):
             if lead > 0 or tier is Tier.L2:
@@ -514,28 +596,43 @@ class PatternPolicy(PrefetchPolicy):
                 heapq.heappush(self._heap, (due - lead, self._seq, key, entry.version, tier))
 
     def on_arrival(self, event: ArrivalEvent) -> Sequence[Plan]:
-        self._hit(event.namespace, event.key, event.now)
+        shared, previous = self._observe(event.namespace, event.key, event.now)
+        if shared > 0:
+            self._record(event.namespace, event.key, shared, previous, event.now)
+        added = len(event.key) - shared * self.block
+        self._requests[event.request_id] = (int(shared > 0), added)
         return stage_l3_run(event, chunk_tokens=self.readahead, priority=2)
 
     def on_finish(self, event: FinishEvent) -> Sequence[Plan]:
-        entry = self._record(event.namespace, event.path, event.now)
+        kind, added = self._requests.pop(event.request_id, (0, len(event.path)))
         if (
-            entry is not None
-            and entry.count == 1
-            and len(event.path) >= self.cold_min
-            and self.reuse_rate < self.cold_below
+            added >= max(1, self.cold_min)
+            and self._added[kind] >= self.cold_min_blocks
+            and self.reuse_rate(bool(kind)) < self.cold_below
         ):
             return [Cold(event.namespace, event.path.tokens)]
         return ()
 
     def on_tick(self, event: TickEvent) -> Sequence[Plan]:
         plans: list[Plan] = []
+        budget = TickBudget(event, self.l1_budget, self.l2_budget)
+        deferred = []
         while self._heap and self._heap[0][0] <= event.now:
-            _, _, key, version, tier = heapq.heappop(self._heap)
+            item = heapq.heappop(self._heap)
+            _, _, key, version, tier = item
             entry = self._paths.get(key)
             if entry is None or entry.version != version:
                 continue
-            plans.append(Stage(entry.namespace, entry.tokens, tier, self.predicted(entry), 1))
+            due = self.predicted(entry)
+            if not needs_staging(event, entry.namespace, entry.tokens, tier):
+                continue
+            if not budget.take(tier, len(entry.tokens)):
+                if due > event.now:
+                    deferred.append(item)  # next tick, while still ahead of time
+                continue
+            plans.append(Stage(entry.namespace, entry.tokens, tier, due, 1))
+        for item in deferred:
+            heapq.heappush(self._heap, item)
         return plans
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import heapq
 import logging
 from array import array
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 
-from hiradix.policies.base import PathInfo, PathView
-from hiradix.tree import Node, RadixTree
+from hiradix.policies.base import PathInfo, PathView, TierRun, TokenSeq
+from hiradix.tree import Node, RadixTree, common_prefix_len
 from hiradix.types import Tier
 
 logger = logging.getLogger(__name__)
@@ -80,3 +80,34 @@ class RadixTreeView:
         for node in self._tree.path(leaf):
             out.extend(node.tokens)
         return PathView(out, leaf.namespace)
+
+    def resident_run(self, namespace: Hashable, tokens: TokenSeq) -> TierRun:
+        tree = self._tree
+        node = tree.ns_roots.get(namespace)
+        if node is None:
+            return TierRun()
+        path = tokens if isinstance(tokens, array) else array("q", tokens)
+        page = tree.page_size
+        end = len(path) - len(path) % page
+        pos = l1 = host = 0
+        while pos < end:
+            # a read-only walk: the same child keys as RadixTree.match, without its
+            # splits (a partial match of a node ends the walk), recency or expiry
+            child = node.children.get(tree._child_key(path, pos))
+            if child is None:
+                break
+            matched = common_prefix_len(child.tokens, path, pos)
+            matched -= matched % page
+            if matched == 0:
+                break
+            if child.l1 is not None and host == 0:
+                l1 += matched
+            elif child.l2_ready:
+                host += matched
+            else:
+                break
+            pos += matched
+            if matched < len(child):
+                break
+            node = child
+        return TierRun(l1, host, 0)

@@ -82,6 +82,9 @@ def settings_for(
         tick_s=options.tick_s,
         lanes=options.lanes,
         write_queue_tokens=queue_tokens,
+        # stores read pipelined batches of store.redis.batch_pages pages; each batch is
+        # usable once it has landed (the NVMe store reads page files, at least as fine)
+        read_batch_tokens=config.store.redis.batch_pages * options.page_size,
     )
 
 

@@ -9,6 +9,15 @@ Prefill time follows the standard FLOP count of a decoder-only transformer: ever
 token costs ``2 * params`` FLOPs in the matmuls plus ``4 * layers * attn_dim * context``
 in attention (QK^T and AV, causal: ``context = cached + new / 2`` on average), run at
 ``peak_flops * mfu`` over ``gpus`` GPUs, plus a fixed launch overhead per prefill.
+
+A :class:`LinkPool` is the same path on each of ``instances`` servers (every prefill
+instance has its own PCIe links, drives and NICs): a transfer runs on one member, never
+faster than one path, and the pool picks the member that can start it first.
+
+Loads overlap the prefill layer by layer (SGLang's ``LayerDoneCounter``: layer ``i``'s
+forward waits only for layer ``i``'s copy), so a prefill of ``compute`` seconds behind a
+load of ``load`` seconds ends after :func:`overlapped`, a two-stage pipeline of
+``layers`` equal steps, not after their sum.
 """
 
 from __future__ import annotations
@@ -64,6 +73,50 @@ class Link:
     def estimate(self, now: float, num_bytes: int) -> float:
         """Completion time a transfer submitted now would have (changes nothing)."""
         return max(now, self.busy_until) + self.spec.seconds(num_bytes)
+
+
+class LinkPool:
+    """One :class:`Link` per instance; a transfer goes to the member free first."""
+
+    __slots__ = ("members", "name", "spec")
+
+    def __init__(self, name: str, spec: LinkSpec, instances: int = 1):
+        if instances < 1:
+            raise ValueError(f"LinkPool: instances must be >= 1, got {instances}")
+        self.name = name
+        self.spec = spec
+        self.members = [Link(name, spec) for _ in range(instances)]
+
+    @property
+    def bytes_moved(self) -> int:
+        return sum(link.bytes_moved for link in self.members)
+
+    @property
+    def transfers(self) -> int:
+        return sum(link.transfers for link in self.members)
+
+    def pick(self, now: float) -> Link:
+        """The member whose queue frees first (the first such, for determinism)."""
+        return min(self.members, key=lambda link: max(now, link.busy_until))
+
+    def backlog(self, now: float) -> float:
+        return self.pick(now).backlog(now)
+
+    def submit(self, now: float, num_bytes: int, not_before: float = 0.0) -> float:
+        return self.pick(max(now, not_before)).submit(now, num_bytes, not_before)
+
+    def estimate(self, now: float, num_bytes: int) -> float:
+        return self.pick(now).estimate(now, num_bytes)
+
+
+def overlapped(compute: float, load: float, layers: int) -> float:
+    """Seconds until a prefill of ``compute`` s that needs a load of ``load`` s ends, when
+    both proceed layer by layer (``layers`` equal steps) and layer ``i`` computes once its
+    copy landed: the slower stage plus one step of the faster one."""
+    if load <= 0:
+        return compute
+    steps = max(1, layers)
+    return max(compute + load / steps, load + compute / steps)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,22 +1,30 @@
 """The discrete-event simulator: requests, a FCFS server, ticks, and the policy's plans.
 
-Server model (documented in the README table of ``hiradix sim``): ``lanes`` prefills run
-at a time (default 1: one prefill at a time, as chunked prefill serialises them on one
-engine); requests wait FCFS. Decoding runs concurrently and does not slow prefill; it
-only holds the request's KV (locked in the tree, plus its output tokens outside it)
-until it finishes.
+Server model (documented in the README table of ``hiradix sim``): ``lanes`` prefill
+instances, each a whole copy of the profile's server with its own links (PCIe, drives,
+NICs: see :class:`~hiradix.sim.cost.LinkPool`), one prefill at a time each (chunked
+prefill serialises them on one engine). They share one tree, that is a router that
+sends each request where its prefix is (as Mooncake's conductor does); every run of a
+comparison, baselines included, gets the same instances. Requests wait FCFS, except
+that one whose L3 prefetch is still landing is passed over (SGLang's scheduler skips a
+request whose ``check_prefetch_progress`` is false and tries the next one) and holds
+no lane. Decoding runs concurrently and does not slow prefill; it only holds the
+request's KV (locked in the tree, plus its output tokens outside it) until it
+finishes.
 
 A request's life, all on the virtual clock:
 
 1. arrival: ``locate`` its prompt (L1 run, L2 run, in-flight and L3 runs: the arrival
    ``TierRun``), call ``on_arrival`` and execute its plans;
-2. schedule (a lane is free and it is first in line): under ``wait_complete`` /
-   ``timeout`` it reads the rest of its L3 run now and holds the lane until that and any
-   in-flight reads land (``timeout``: at most the config's wait budget; never longer than
-   recomputing those tokens would take); ``best_effort`` starts at once;
-3. start: the ready host run is loaded into L1 (H2D, overlapped layer by layer with the
-   prefill), the prompt is inserted and locked, the uncached tokens are prefilled;
-   ``TTFT = start + max(prefill, load) + load / layers - arrival``;
+2. considered (a lane is free and every request before it started or waits for L3): under
+   ``wait_complete`` / ``timeout`` it reads the rest of its L3 run now and becomes
+   eligible when that and any in-flight reads land (``timeout``: at most the config's
+   wait budget counted from arrival, when SGLang issues the prefetch; never when
+   recomputing those tokens is faster); until then later requests go first;
+   ``best_effort`` is eligible at once;
+3. start (eligible and a lane free): the ready host run is loaded into L1 (H2D,
+   overlapped layer by layer with the prefill, :func:`~hiradix.sim.cost.overlapped`),
+   the prompt is inserted and locked, the uncached tokens are prefilled;
 4. prefill end: the lane frees, the new nodes are written through to L2 (then L3);
 5. finish (after ``output_length`` decode steps): unlocked, ``on_finish``.
 
@@ -49,7 +57,7 @@ from hiradix.policies.base import (
     TierRun,
 )
 from hiradix.policies.views import RadixTreeView
-from hiradix.sim.cost import Profile
+from hiradix.sim.cost import Profile, overlapped
 from hiradix.sim.replay import TraceRequest
 from hiradix.sim.tiers import Tiers
 from hiradix.tree import Node, RadixTree, TtlRules, chain_page_keys
@@ -81,6 +89,7 @@ class SimSettings:
     lanes: int = 1
     max_backlog_s: float = 30.0  # prefetch reads are skipped beyond this queue
     write_queue_tokens: float = math.inf
+    read_batch_tokens: int = 0  # L3 reads land in batches of this size (0: all at once)
 
 
 @dataclass
@@ -108,10 +117,22 @@ class SimResult:
     policy: str
     policy_disabled: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    lanes: int = 1
 
 
 class _Request:
-    __slots__ = ("arrival_run", "keys", "node", "private", "record", "spec", "tokens")
+    __slots__ = (
+        "arrival_run",
+        "considered_at",
+        "gate",
+        "keys",
+        "node",
+        "private",
+        "record",
+        "spec",
+        "tokens",
+        "woken",
+    )
 
     def __init__(self, spec: TraceRequest, page: int):
         self.spec = spec
@@ -122,6 +143,9 @@ class _Request:
         self.private = 0
         self.record = RequestRecord(spec.arrival, spec.input_length)
         self.arrival_run = TierRun()
+        self.gate: float | None = None  # when it may start (set when first considered)
+        self.considered_at = 0.0
+        self.woken = False
 
 
 class Simulator:
@@ -161,6 +185,8 @@ class Simulator:
             write_queue_tokens=settings.write_queue_tokens,
             schedule=self._at_landed,
             clock=lambda: self.now,
+            instances=settings.lanes,
+            read_batch_tokens=settings.read_batch_tokens,
         )
         self.view = RadixTreeView(
             self.tree,
@@ -207,6 +233,7 @@ class Simulator:
             makespan_s=makespan,
             policy=self.policy.name,
             policy_disabled=self.policy.reason,
+            lanes=self.settings.lanes,
         )
 
     # ------------------------------------------------------------------ helpers
@@ -257,6 +284,9 @@ class Simulator:
                 where = self.tiers.locate(plan.namespace, tokens, keys, touch=False)
                 nodes = self.tiers.host_run(where) + list(where.inflight)
                 self.tiers.load_l1(nodes, where.match.l1_node, strict=False)
+                # a path staged for use is as recent as a use: without this it would be
+                # the first victim of the next eviction (staging for nothing)
+                self.tree.match(plan.namespace, tokens, touch=True)
         for cold in plans:
             if isinstance(cold, Cold):
                 path = self._plan_tokens(cold.tokens)
@@ -285,24 +315,37 @@ class Simulator:
         self._dispatch()
 
     def _dispatch(self) -> None:
-        while self._free_lanes > 0 and self._queue:
-            request = self._queue.popleft()
-            self._free_lanes -= 1
-            self._schedule(request)
+        """Start eligible requests in FCFS order on free lanes, passing over the ones
+        still waiting for their L3 reads (they hold no lane meanwhile)."""
+        index = 0
+        queue = self._queue
+        while self._free_lanes > 0 and index < len(queue):
+            request = queue[index]
+            if request.gate is None:
+                request.gate = self._consider(request)
+            if request.gate <= self.now:
+                del queue[index]
+                self._free_lanes -= 1
+                request.record.wait_s = self.now - request.considered_at
+                self._push(self.now, _START, functools.partial(self._start, request))
+                continue
+            if not request.woken:
+                request.woken = True
+                self._push(request.gate, _SCHEDULE, self._dispatch)
+            index += 1
 
-    def _schedule(self, request: _Request) -> None:
+    def _consider(self, request: _Request) -> float:
+        """First time a lane could take ``request``: measure readiness; when it may start."""
         spec = request.spec
         where = self.tiers.locate(spec.namespace, request.tokens, request.keys, touch=False)
         run = request.arrival_run
         record = request.record
-        found_at_arrival = run.total
         record.deep = run.l2_tokens + run.l3_tokens
-        record.ready = max(0, min(found_at_arrival, where.ready_len) - run.l1_tokens)
-        start = self.now
+        record.ready = max(0, min(run.total, where.ready_len) - run.l1_tokens)
+        request.considered_at = self.now
         if self.settings.wait is not WaitMode.BEST_EFFORT and self.settings.l3_kind is not None:
-            start = self._wait_for_l3(request, where)
-        record.wait_s = start - self.now
-        self._push(start, _START, lambda: self._start(request))
+            return self._wait_for_l3(request, where)
+        return self.now
 
     def _wait_for_l3(self, request: _Request, where: Any) -> float:
         """When the request may start under the wait mode (reads the L3 run now)."""
@@ -320,8 +363,9 @@ class Simulator:
         if not self.profile.load_beats_recompute(tokens, where.ready_len, until - self.now):
             return self.now  # recomputing is faster: do not wait (the reads go on)
         if self.settings.wait is WaitMode.TIMEOUT:
-            until = min(until, self.now + self.settings.wait_budget(spec.input_length))
-        return until
+            # SGLang times a prefetch from when it was issued: the request's arrival
+            until = min(until, spec.arrival + self.settings.wait_budget(spec.input_length))
+        return max(self.now, until)
 
     def _start(self, request: _Request) -> None:
         spec = request.spec
@@ -350,8 +394,7 @@ class Simulator:
         self._account(request, found.l1_len, served)
         model = self.profile.model
         prefill = model.prefill_time(spec.input_length - served, served)
-        load = load_done - self.now
-        compute = max(prefill, load) + (load / model.layers if load > 0 else 0.0)
+        compute = overlapped(prefill, load_done - self.now, model.layers)
         end = self.now + compute
         self._busy += compute
         request.record.ttft = end - spec.arrival

@@ -14,6 +14,9 @@ Sources (public):
 - [ETH]   IEEE 802.3 line rates: 25GbE = 3.125 GB/s, 100GbE = 12.5 GB/s per direction.
 - [NVMe]  Samsung PM9A3 (PCIe Gen4 x4 U.2) datasheet: 6,900 MB/s sequential read,
           4,100 MB/s sequential write.
+- [DGX]   NVIDIA DGX BasePOD reference architecture, "Core Components" (DGX H100/H200):
+          8 GPUs, 2 TB DDR5, "eight 3.84 TB U.2 NVMe drives for storage/cache", one
+          100 Gb/s Ethernet NIC plus ConnectX-7 ports (compute and storage fabrics).
 
 Derived figures (arithmetic shown next to each) and assumptions (marked ASSUMED) are
 next to the field they set. ``PROFILES`` maps a name to its :class:`Profile`.
@@ -54,11 +57,26 @@ _STORES_25G = {
 # (launch + event; ASSUMED).
 _PCIE5_PER_GPU = 50 * GB
 
+# L3 of the TP=8 node. A TP rank stores and reads only its own KV shard (1/8 of each
+# page: its KV head), so the store's bandwidth scales with TP exactly when every rank
+# has its own path. On NVMe it does: the node has eight U.2 drives [DGX] and each rank's
+# page files go to its own drive (or to the RAID 0 over all eight that DGX OS mounts
+# as its cache volume), so the node reads 8 x 6.9 GB/s and writes 8 x 4.1 GB/s [NVMe]
+# (ASSUMED: the PM9A3 figures stand in for the DGX's Gen4 U.2 drives). Over Redis it
+# does not: every rank's TCP connection leaves through the node's one 100 GbE NIC
+# [DGX], so the node keeps the 10 GB/s above.
+_STORES_TP8 = {
+    **_STORES_100G,
+    "nvme_read": LinkSpec(8 * 6.9 * GB, 100e-6),
+    "nvme_write": LinkSpec(8 * 4.1 * GB, 100e-6),
+}
+
 LLAMA3_70B_TP8 = Profile(
     name="llama3-70b-tp8-h100",
     description=(
         "Llama-3-70B-class GQA model, TP=8 on one 8x H100 SXM node, FP8 weights/GEMMs, "
-        "BF16 KV cache; L3 over 100GbE (redis) or a local Gen4 NVMe"
+        "BF16 KV cache; L3 over 100GbE (redis) or the node's eight Gen4 NVMe drives, "
+        "one per TP rank"
     ),
     model=ModelCost(
         params=70.6e9,  # [L70]
@@ -83,7 +101,7 @@ LLAMA3_70B_TP8 = Profile(
         "d2h": LinkSpec(4 * _PCIE5_PER_GPU, 20e-6),
         "h2d": LinkSpec(4 * _PCIE5_PER_GPU, 20e-6),
     },
-    stores=_STORES_100G,
+    stores=_STORES_TP8,
 )
 
 LLAMA3_8B_H100 = Profile(

@@ -38,7 +38,12 @@ def summarize(result: SimResult) -> dict[str, Any]:
         "ttft_p90_s": percentile(ttfts, 90),
         "ttft_p99_s": percentile(ttfts, 99),
         "l3_wait_mean_s": sum(waits) / len(waits) if waits else 0.0,
-        "utilization": result.busy_s / result.makespan_s if result.makespan_s > 0 else 0.0,
+        # share of the lanes' time spent prefilling (busy_s sums over every lane)
+        "utilization": (
+            result.busy_s / (result.makespan_s * max(1, result.lanes))
+            if result.makespan_s > 0
+            else 0.0
+        ),
     }
     for link, moved in sorted(result.bytes_by_link.items()):
         out[f"bytes_{link}"] = moved

@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from hiradix.sim.cost import Link, Profile
+from hiradix.sim.cost import LinkPool, Profile
 from hiradix.tree import Node, RadixTree, Ticket, TreeMatch, common_prefix_len
 from hiradix.types import PageKey
 
@@ -74,6 +74,8 @@ class Tiers:
         write_queue_tokens: float,
         schedule: Schedule,
         clock: Callable[[], float],
+        instances: int = 1,
+        read_batch_tokens: int = 0,
     ):
         self.tree = tree
         self.profile = profile
@@ -87,9 +89,12 @@ class Tiers:
         self.clock = clock
         kind = l3_kind or "memory"
         self.links = {
-            name: Link(name, profile.link_spec(name, kind))
+            name: LinkPool(name, profile.link_spec(name, kind), instances)
             for name in ("d2h", "h2d", "l3_write", "l3_read")
         }
+        # an L3 read lands in batches (the stores read pipelined batches of pages), each
+        # usable as soon as it is in host memory; 0: the whole run lands at once
+        self.read_batch_tokens = read_batch_tokens
         self.l3: dict[PageKey, float] = {}  # page key -> time it was written / last read
         self.private_l1 = 0  # device tokens held by running requests outside the tree
         self.ticket_done: dict[Ticket, float] = {}
@@ -217,8 +222,8 @@ class Tiers:
         if not (self.tree.is_root(parent) or parent.l2 is not None or parent.l1 is not None):
             self.counters["stage_skipped"] += 1  # nothing resident to hang the copy under
             return where, None
-        link = self.links["l3_read"]
         now = self.clock()
+        link = self.links["l3_read"].pick(now)  # one instance's path reads the whole run
         if link.backlog(now) > max_backlog:
             self.counters["stage_skipped"] += 1
             return where, None
@@ -228,20 +233,28 @@ class Tiers:
             self.counters["l2_full_skips"] += 1
             return where, None
         start = where.l3_start
-        node = add_host_child(self.tree, parent, tokens[start : start + size])
-        ticket = Ticket()
-        self.tree.attach_l2(node, range(size), ticket)
-        self.tree._update_leaf(parent)  # attach_l2 leaves the parent's leaf status stale
-        done = link.submit(now, self.profile.bytes_for(size))
-        self.ticket_done[ticket] = done
+        batch = self.read_batch_tokens if self.read_batch_tokens > 0 else size
+        batch = max(self.page, batch - batch % self.page)
+        done = now
+        for offset in range(start, start + size, batch):
+            piece = tokens[offset : min(offset + batch, start + size)]
+            node = add_host_child(self.tree, parent, piece)
+            ticket = Ticket()
+            self.tree.attach_l2(node, range(len(piece)), ticket)
+            self.tree._update_leaf(parent)  # attach_l2 leaves the parent's leaf status stale
+            done = link.submit(now, self.profile.bytes_for(len(piece)))
+            self.ticket_done[ticket] = done
+            self.schedule(done, self._landed(node, ticket))
+            parent = node
         self.counters["staged_l2_tokens"] += size
+        return where, done
 
+    def _landed(self, node: Node, ticket: Ticket) -> Callable[[], None]:
         def landed() -> None:
             self.ticket_done.pop(ticket, None)
             self.tree.finish_ticket(node, ticket, True)
 
-        self.schedule(done, landed)
-        return where, done
+        return landed
 
     # ------------------------------------------------------------------ L2 -> L1
     def load_l1(self, nodes: list[tuple[Node, float]], anchor: Node, *, strict: bool) -> float:

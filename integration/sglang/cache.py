@@ -15,9 +15,11 @@ import os
 import sys
 import time
 from array import array
-from typing import TYPE_CHECKING, Any, Hashable, Optional
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any
 
 import torch
+from hiradix.backends.host_slab import HostSlab
 from sglang.srt.mem_cache.base_prefix_cache import (
     BasePrefixCache,
     DecLockRefParams,
@@ -33,7 +35,6 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from hiradix.backends.host_slab import HostSlab
 from hiradix.kv_copy import LayerEvents, make_copier
 from hiradix.metrics import PrometheusExporter, Stats, StatsSnapshot
 from hiradix.policies.base import (
@@ -49,9 +50,9 @@ from hiradix.policies.base import (
 from hiradix.policies.registry import create_policy
 from hiradix.policies.views import RadixTreeView
 from hiradix.storage_tier import StorageTier, agreed, wait_ready
-from hiradix.types import Tier
 from hiradix.transfer import TransferEngine
 from hiradix.tree import Node, RadixTree, Ticket, TierTtl, TtlRules
+from hiradix.types import Tier
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -90,7 +91,7 @@ class HiRadixCache(BasePrefixCache):
         *,
         clock: Any = time.monotonic,
         forward_stream: Any = None,
-        metric_labels: Optional[dict[str, str]] = None,
+        metric_labels: dict[str, str] | None = None,
         model_id: str = "model",
         tp_group: Any = None,
     ):
@@ -103,9 +104,11 @@ class HiRadixCache(BasePrefixCache):
         self.clock = clock
         allocator = self.token_to_kv_pool_allocator
         dev = getattr(allocator, "device", "cpu") if allocator is not None else "cpu"
-        self.device = torch.device(dev) if isinstance(dev, (str, torch.device)) else torch.device("cpu")
+        self.device = (
+            torch.device(dev) if isinstance(dev, (str, torch.device)) else torch.device("cpu")
+        )
         self.stats = Stats()
-        self.exporter: Optional[PrometheusExporter] = None
+        self.exporter: PrometheusExporter | None = None
         if params.enable_metrics:
             self.init_metrics_collector()
             self.exporter = PrometheusExporter(metric_labels)
@@ -118,7 +121,7 @@ class HiRadixCache(BasePrefixCache):
         )
         self.write_policy = config.write_policy.value
         self.forward_stream = forward_stream
-        self.slab: Optional[HostSlab] = None
+        self.slab: HostSlab | None = None
         self.engine = TransferEngine()
         if not self.disable and allocator is not None:
             self._init_host_tier(forward_stream)
@@ -128,7 +131,7 @@ class HiRadixCache(BasePrefixCache):
         self._l3_by_rid: dict[str, int] = {}
         self._l3_to_report: dict[str, int] = {}
         self.tp_group = tp_group
-        self.storage: Optional[StorageTier] = None
+        self.storage: StorageTier | None = None
         if self.slab is not None and config.store.kind.value != "none":
             self._init_store(model_id)
         self.policy = GuardedPolicy(create_policy(config.prefetch))
@@ -149,6 +152,7 @@ class HiRadixCache(BasePrefixCache):
         from hiradix.backends.base import make_key
         from hiradix.backends.lazy import LazyStore
         from hiradix.backends.registry import create_store
+
         from hiradix.breaker import CircuitBreaker
 
         store_cfg = self.config.store
@@ -176,7 +180,12 @@ class HiRadixCache(BasePrefixCache):
             breaker=CircuitBreaker(),
         )
         self.storage.insert_late = self._tp_size() == 1
-        logger.info("hiradix: L3 %s store, %d-token pages, model id %s", kind, store_cfg.block_tokens, model_id)
+        logger.info(
+            "hiradix: L3 %s store, %d-token pages, model id %s",
+            kind,
+            store_cfg.block_tokens,
+            model_id,
+        )
 
     def _tp_size(self) -> int:
         if self.tp_group is None:
@@ -221,7 +230,16 @@ class HiRadixCache(BasePrefixCache):
         )
         self.tree.free_l2 = self.slab.free
         self.engine = TransferEngine(
-            make_copier(device_k, device_v, self.slab, **({"forward_stream": forward_stream} if k0.is_cuda and forward_stream is not None else {}))
+            make_copier(
+                device_k,
+                device_v,
+                self.slab,
+                **(
+                    {"forward_stream": forward_stream}
+                    if k0.is_cuda and forward_stream is not None
+                    else {}
+                ),
+            )
         )
         self.stats.gauges["l2_total_slots"] = self.slab.num_slots
         logger.info(
@@ -381,7 +399,7 @@ class HiRadixCache(BasePrefixCache):
             return node.hits >= self.config.write_through_hits
         return self.write_policy == "write_through"
 
-    def _host_slots(self, node: Node) -> Optional[torch.Tensor]:
+    def _host_slots(self, node: Node) -> torch.Tensor | None:
         """Host slots for ``node``, evicting unpinned host leaves (never its parent)."""
         assert self.slab is not None
         need = len(node)
@@ -518,9 +536,7 @@ class HiRadixCache(BasePrefixCache):
             return IncLockRefResult(delta=0)
         return IncLockRefResult(delta=self.tree.lock(node))
 
-    def dec_lock_ref(
-        self, node: Node, params: Optional[DecLockRefParams] = None
-    ) -> DecLockRefResult:
+    def dec_lock_ref(self, node: Node, params: DecLockRefParams | None = None) -> DecLockRefResult:
         if self.disable:
             return DecLockRefResult(delta=0)
         return DecLockRefResult(delta=self.tree.unlock(node))
@@ -559,7 +575,7 @@ class HiRadixCache(BasePrefixCache):
     def supports_prefix_sharing(self) -> bool:
         return not self.disable
 
-    def init_load_back(self, params: InitLoadBackParams) -> Optional[tuple[int, Any]]:
+    def init_load_back(self, params: InitLoadBackParams) -> tuple[int, Any] | None:
         """Bring the host-only run ending at ``best_match_node`` back to device. Returns
         ``(tokens, node)``, ``(0, device anchor)`` when the run changed since the match, or
         ``None`` when device memory cannot be had now (the scheduler retries)."""
@@ -572,7 +588,12 @@ class HiRadixCache(BasePrefixCache):
         anchor = cur
         run.reverse()
         total = sum(len(x) for x in run)
-        if self.slab is None or total == 0 or total != params.host_hit_length or node.parent is None:
+        if (
+            self.slab is None
+            or total == 0
+            or total != params.host_hit_length
+            or node.parent is None
+        ):
             return 0, anchor
         if any(not x.l2_ready for x in run):
             return 0, anchor
@@ -674,7 +695,10 @@ class HiRadixCache(BasePrefixCache):
                 title = "?"
             logger.info(
                 "hiradix: prefetch policy %s: first %s callback in pid %d (%s)",
-                self.policy.name, hook, os.getpid(), title,
+                self.policy.name,
+                hook,
+                os.getpid(),
+                title,
             )
 
     def _on_arrival(self, rid: str, namespace: Hashable, tokens: array, l3_tokens: int) -> int:
@@ -690,7 +714,11 @@ class HiRadixCache(BasePrefixCache):
         local = found.total_len
         take = 0
         for plan in self.policy.on_arrival(event):
-            if isinstance(plan, Stage) and plan.namespace == namespace and _is_prefix(plan.tokens, tokens):
+            if (
+                isinstance(plan, Stage)
+                and plan.namespace == namespace
+                and _is_prefix(plan.tokens, tokens)
+            ):
                 take = max(take, len(plan.tokens) - local)
                 self.stats.add("policy_plans")
             else:
@@ -787,9 +815,8 @@ class HiRadixCache(BasePrefixCache):
         if self.storage is not None:
             try:
                 self.storage.store.close()
-            except Exception:  # closing a store that never connected
-                pass
-
+            except Exception as exc:  # noqa: BLE001 - shutdown must not fail on a dead store
+                logger.debug("hiradix: closing the L3 store: %r", exc)
 
 
 def _deepest(nodes: list[Node]) -> list[Node]:

@@ -15,9 +15,9 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def run_workload(
     return stats
 
 
-def _print_table(title: str, stats: Sequence[TurnStats], base: Optional[Sequence[TurnStats]]) -> None:
+def _print_table(title: str, stats: Sequence[TurnStats], base: Sequence[TurnStats] | None) -> None:
     print(f"\n{title}")
     head = f"{'turn':>4} {'TTFT p50 ms':>12} {'cached %':>9}"
     if stats and stats[0].tiers:
@@ -88,10 +88,11 @@ def _print_table(title: str, stats: Sequence[TurnStats], base: Optional[Sequence
         print(row)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from hiradix.config import default_config_path
+def main(argv: Sequence[str] | None = None) -> int:
     from hiradix.integration.sglang.model_builder import build_tiny_model
     from hiradix.integration.sglang.testbed import SGLangServer
+
+    from hiradix.config import default_config_path
 
     parser = argparse.ArgumentParser(prog="hiradix demo", description=__doc__)
     parser.add_argument("--config", default=None, help="hiradix config (default: embedded)")
@@ -103,7 +104,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-baseline", action="store_true", help="skip SGLang's own cache")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--preset", default="bench", choices=["tiny", "bench"],
+        "--preset",
+        default="bench",
+        choices=["tiny", "bench"],
         help="model size: 'bench' makes prefill cost what caching saves (about 1 s per 4K tokens)",
     )
     args = parser.parse_args(argv)

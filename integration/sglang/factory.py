@@ -19,7 +19,7 @@ def model_identity(ctx: Any) -> str:
     hf = getattr(mc, "hf_config", None)
     try:
         hf_text = hf.to_json_string(use_diff=False) if hf is not None else ""
-    except Exception:  # a config that cannot serialise itself: fall back to its repr
+    except Exception:  # noqa: BLE001 - a config that cannot serialise itself: use its repr
         hf_text = repr(hf)
     digest = hashlib.blake2b(hf_text.encode(), digest_size=8).hexdigest()
     arch = ",".join(getattr(hf, "architectures", None) or ["?"])
