@@ -457,7 +457,7 @@ _FIELDS: tuple[_Field, ...] = (
        lambda c: c.write_through_hits),
     _F("eviction_policy", "lru", enum_parser(EvictionPolicy),
        "Victim order when a tier is full.", lambda c: c.eviction_policy.value),
-    _F("prefetch.policy", "arrival",
+    _F("prefetch.policy", "pattern",
        string_parser(pattern=_POLICY_RE, what="a registered name (none, arrival, session, hot, "
                "pattern) or 'package.module:Class'"),
        "Prefetch policy.", lambda c: c.prefetch.policy),

@@ -93,7 +93,7 @@ def test_empty_mapping_gives_every_schema_default() -> None:
     assert cfg.ttl.max_age is None
     assert cfg.write_policy is WritePolicy.WRITE_THROUGH and cfg.write_through_hits == 2
     assert cfg.eviction_policy is EvictionPolicy.LRU
-    assert cfg.prefetch.policy == "arrival" and dict(cfg.prefetch.options) == {}
+    assert cfg.prefetch.policy == "pattern" and dict(cfg.prefetch.options) == {}
     assert cfg.prefetch.wait is WaitMode.TIMEOUT
     assert cfg.prefetch.timeout == 0.05 and cfg.prefetch.timeout_per_1k_tokens == 0.02
     assert cfg.compression.codec is Codec.NONE and cfg.compression.level == 3

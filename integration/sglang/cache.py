@@ -748,7 +748,7 @@ class HiRadixCache(BasePrefixCache):
             self.storage.forget(key)  # nobody waits on it: pages land when they arrive
 
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
-        if self.disable or not checkpointed:
+        if self.disable:
             return
         self._announce("on_finish")
         namespace = (req.extra_key, req.cache_salt)
