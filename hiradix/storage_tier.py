@@ -30,6 +30,7 @@ import torch
 
 from hiradix.breaker import CircuitBreaker
 from hiradix.codec import PageMeta, decode_page, encode_page
+from hiradix.cost_model import CostModel
 from hiradix.errors import CorruptPage, StoreUnavailable
 from hiradix.metrics import Stats
 from hiradix.transfer import TransferEngine
@@ -113,6 +114,9 @@ class StorageTier:
         self._queued_pages = 0
         self._ns_digests: dict[Hashable, bytes] = {}
         self.prefetches: dict[str, Prefetch] = {}
+        self.cost = CostModel()
+        self._exists_s = 0.0
+        self.bytes_per_token = slab.bytes_per_token
         self._in_flight_keys: set[bytes] = set()
         #: whether a lookup that finishes after its request was admitted may still add its
         #: pages (only on a single rank: with TP the tree may change only at agreed points)
@@ -260,13 +264,17 @@ class StorageTier:
         store_keys = [self._store_key(namespace, k) for k in wanted]
 
         def exists_job() -> int:
+            started = time.perf_counter()
             present = self.store.exists_many(store_keys)
+            self._exists_s = time.perf_counter() - started  # read on the scheduler thread
             run = 0
             while run < len(present) and present[run]:
                 run += 1
             return run
 
         def exists_done(run: int | None, error: BaseException | None) -> None:
+            if error is None:
+                self.cost.observe_fetch(0, self._exists_s)
             if error is not None or not run:
                 if error is not None:
                     self._failed(error)
@@ -284,6 +292,9 @@ class StorageTier:
                 if decide is None
                 else max(0, min(present_tokens, decide(present_tokens)))
             )
+            if take > 0 and not self.cost.decide(take, self.bytes_per_token).fetch:
+                self.stats.add("recompute_instead_of_load")
+                take = 0
             pages = -(-(take + local_len - start * self.block) // self.block) if take > 0 else 0
             if pages == 0:
                 self._finish(request_id, state)
@@ -304,7 +315,8 @@ class StorageTier:
         metas = [self._meta(namespace, k) for k in keys]
         refresh = self.ttl if self.sliding else None
 
-        def job() -> tuple[list[bytes], int, list[str]]:
+        def job() -> tuple[list[bytes], int, list[str], float]:
+            started = time.perf_counter()
             blobs = self.store.get_many(store_keys, refresh_ttl=refresh)
             pages, bad = [], []
             for store_key, meta, blob in zip(store_keys, metas, blobs):
@@ -321,7 +333,8 @@ class StorageTier:
                     self.store.delete_many(bad)
                 except StoreUnavailable:
                     pass
-            return pages, sum(len(b) for b in blobs[: len(pages)] if b), bad
+            nbytes = sum(len(b) for b in blobs[: len(pages)] if b)
+            return pages, nbytes, bad, time.perf_counter() - started
 
         def done(result: Any, error: BaseException | None) -> None:
             if error is not None:
@@ -329,7 +342,8 @@ class StorageTier:
                 self._finish(request_id, state)
                 return
             self.breaker.record_success()
-            pages, nbytes, bad = result
+            pages, nbytes, bad, seconds = result
+            self.cost.observe_fetch(nbytes, seconds)
             self.stats.add("l3_corrupt_pages", len(bad))
             self.stats.add("l3_get_bytes", nbytes)
             state.pages = pages

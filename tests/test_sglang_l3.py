@@ -139,3 +139,30 @@ def test_corrupt_pages_are_misses_deleted_and_counted(tmp_path):
     sched.release(req)
     settle(cache)
     assert inner.exists_many([cache.storage._store_key((None, None), first)]) == [True]
+
+
+def test_slow_store_is_skipped_for_recompute(tmp_path):
+    """Cost awareness: once the store is measured slower than recomputing, requests stop
+    waiting for it and recompute (counted), instead of getting slower."""
+    store = {"kind": "nvme", "nvme": {"path": str(tmp_path / "p")}}
+    cache_a, _, sched_a = server(store)
+    prompts = [[1000 + 97 * i + j for j in range(64)] for i in range(6)]
+    for i, p in enumerate(prompts):
+        sched_a.run(SimReq(f"a{i}", p))
+    settle(cache_a)
+
+    cache, pools, sched = server(store)
+    cache.storage.store = FaultyStore(cache.storage.store, latency_s=0.25)
+    cost = cache.storage.cost
+    cost.observe_prefill(50_000, 1.0)  # what the flushes measure on a real server
+    sched.run(SimReq("learn", prompts[0]))  # the first fetch measures the slow store
+    sched.run(SimReq("decide", prompts[1]))  # its lookup finds loading slower: recompute
+    assert not cost.fetching
+    assert cache.stats.counters["recompute_instead_of_load"] == 1
+    started = time.monotonic()
+    for i, p in enumerate(prompts[2:5]):
+        req = SimReq(f"b{i}", p)
+        sched.run(req)
+        assert req.prefix_len == 0  # recomputed
+    assert time.monotonic() - started < 0.5  # none of them waited for the 250 ms store
+    assert idle_total(cache, pools) == pools.size

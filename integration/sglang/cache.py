@@ -136,6 +136,8 @@ class HiRadixCache(BasePrefixCache):
             self._init_store(model_id)
         self.policy = GuardedPolicy(create_policy(config.prefetch))
         self._last_tick = 0.0
+        self._computed_tokens = 0
+        self._last_flush = self.clock()
         self._plan_seq = 0
         self._announced: set[str] = set()
         self.reset()
@@ -387,6 +389,7 @@ class HiRadixCache(BasePrefixCache):
         self.stats.add("l1_hit_tokens", max(0, req.prefix_len - loaded))
         self.stats.add("l2_hit_tokens", loaded - from_l3)
         self.stats.add("l3_hit_tokens", from_l3)
+        self._computed_tokens += max(0, len(req.origin_input_ids) - req.prefix_len)
 
     def _on_inserted(self, node: Node) -> None:
         """Queue the inserted path for write-through; ``flush_pending_backups`` submits it."""
@@ -512,8 +515,15 @@ class HiRadixCache(BasePrefixCache):
             self.exporter.export(self.stats)
 
     def flush_pending_backups(self) -> None:
-        if not self.disable:
-            self._service()
+        if self.disable:
+            return
+        now = self.clock()
+        if self._computed_tokens and self.storage is not None and now - self._last_flush < 5.0:
+            # a batch that prefilled these tokens just ended: an online prefill speed
+            self.storage.cost.observe_prefill(self._computed_tokens, now - self._last_flush)
+        self._computed_tokens = 0
+        self._last_flush = now
+        self._service()
 
     def stats_snapshot(self) -> StatsSnapshot:
         """Counters and gauges of this cache (Python API; Prometheus mirrors them)."""
@@ -781,7 +791,8 @@ class HiRadixCache(BasePrefixCache):
         state = self.storage.prefetches.get(handle.rid)
         prefetch = self.config.prefetch
         budget = prefetch.wait_budget(len(state.tokens)) if state is not None else 0.0
-        ready = wait_ready(prefetch.wait.value, state, budget, self.clock())
+        mode = prefetch.wait.value if self.storage.cost.fetching else "best_effort"
+        ready = wait_ready(mode, state, budget, self.clock())  # never wait on a losing tier
         multi = self._tp_size() > 1
         reduce = self._reduce_min if multi else None
         if state is None:
