@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ class Ewma:
 
     def __init__(self, alpha: float):
         self.alpha = alpha
-        self.value: Optional[float] = None
+        self.value: float | None = None
 
     def add(self, sample: float) -> None:
         self.value = (
