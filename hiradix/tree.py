@@ -445,18 +445,27 @@ class RadixTree:
         """Drop device copies of unlocked leaves, in the eviction order, until
         ``num_tokens`` are freed; nodes with a host copy stay in the tree as host-only.
         ``demote`` (write-back) may give a victim a host copy just before it goes."""
-        heap = [(self.order(n), n) for n in self.l1_leaves]
+
+        def drop(node: Node) -> int:
+            if demote is not None and node.l2 is None and self.host_parent_ok(node):
+                demote(node)
+            return self._drop_l1(node)
+
+        return self._evict(self.l1_leaves, drop, num_tokens)
+
+    def _evict(self, leaves: set[Node], drop: Callable[[Node], int], num_tokens: int) -> int:
+        """Pop ``leaves`` in the eviction order, dropping each, until ``num_tokens`` are
+        freed; a parent that becomes a leaf joins the queue."""
+        heap = [(self.order(n), n) for n in leaves]
         heapq.heapify(heap)
         freed = 0
         while freed < num_tokens and heap:
             _, node = heapq.heappop(heap)
-            if node not in self.l1_leaves:
+            if node not in leaves:
                 continue
-            if demote is not None and node.l2 is None and self.host_parent_ok(node):
-                demote(node)
             parent = node.parent
-            freed += self._drop_l1(node)
-            if parent is not None and parent in self.l1_leaves:
+            freed += drop(node)
+            if parent is not None and parent in leaves:
                 heapq.heappush(heap, (self.order(parent), parent))
         return freed
 
@@ -534,18 +543,7 @@ class RadixTree:
     def evict_l2(self, num_tokens: int) -> int:
         """Drop host copies of leaves that no load is reading, until ``num_tokens`` are
         freed; nodes still on device keep their device copy."""
-        heap = [(self.order(n), n) for n in self.l2_leaves]
-        heapq.heapify(heap)
-        freed = 0
-        while freed < num_tokens and heap:
-            _, node = heapq.heappop(heap)
-            if node not in self.l2_leaves:
-                continue
-            freed += self._drop_l2(node)
-            parent = node.parent
-            if parent is not None and parent in self.l2_leaves:
-                heapq.heappush(heap, (self.order(parent), parent))
-        return freed
+        return self._evict(self.l2_leaves, self._drop_l2, num_tokens)
 
     def _drop_l2(self, node: Node) -> int:
         if node.l2_pins > 0:  # a reader holds the slots; it goes when they are released
