@@ -48,15 +48,6 @@ def _config(path: Path, text: str) -> str:
     return str(path)
 
 
-def _metrics(server: SGLangServer) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in server.get_metrics_text().splitlines():
-        m = re.match(r"^hiradix_(\w+?)(?:_total)?\{[^}]*\} ([0-9.e+-]+)$", line)
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
-    return out
-
-
 def _hiradix(model: Path, tmp: Path, name: str, config: str, **kw) -> SGLangServer:
     return SGLangServer(
         model,
@@ -104,7 +95,7 @@ def test_host_tier_second_pass_and_concurrency_with_aborts(tiny_model, reference
             assert b.output_ids == reference[tuple(prompt)]
         assert sum(r.cached_tokens > 0 for r in first) >= 90  # the shared system prompt
         assert all(r.cached_tokens >= len(p) - 1 for p, r in zip(CONVERSATIONS, second))
-        m = _metrics(server)
+        m = server.hiradix_metrics()
         assert m["l2_hit_tokens"] > 0 and m["l2_to_l1_tokens"] > 0, m
         assert m["l1_evicted_tokens"] > 0
 
@@ -134,7 +125,7 @@ def test_host_tier_second_pass_and_concurrency_with_aborts(tiny_model, reference
             == reference[tuple(CONVERSATIONS[0])]
         )
         time.sleep(0.5)
-        m = _metrics(server)
+        m = server.hiradix_metrics()
         assert m["l1_protected_tokens"] == 0 and m["in_flight"] == 0, m
         assert m["l2_used_slots"] == m["l2_tokens"], m
         assert server.flush_cache()
@@ -168,12 +159,14 @@ def test_two_servers_share_redis_and_survive_its_outage(
         reader.wait_ready()
         for prompt in LONG:
             assert writer.generate(prompt, NEW_TOKENS).output_ids == reference[tuple(prompt)]
-        _wait_for(lambda: _metrics(writer)["l2_to_l3_tokens"] >= 16 * 592, "writes reached Redis")
+        _wait_for(
+            lambda: writer.hiradix_metrics()["l2_to_l3_tokens"] >= 16 * 592, "writes reached Redis"
+        )
         for prompt in LONG:
             result = reader.generate(prompt, NEW_TOKENS)
             assert result.output_ids == reference[tuple(prompt)]
             assert result.cached_tokens >= 592
-        m = _metrics(reader)
+        m = reader.hiradix_metrics()
         assert m["l3_hit_tokens"] >= 16 * 592 and m["l3_to_l2_tokens"] > 0, m
 
         # outage: kill Redis while the reader works through new prompts
@@ -188,11 +181,11 @@ def test_two_servers_share_redis_and_survive_its_outage(
             assert result.output_ids == reference[tuple(prompt)]
         # a request arriving while Redis is down: a miss, counted, correct output
         assert reader.generate(RECOVERY[0], NEW_TOKENS).output_ids == reference[tuple(RECOVERY[0])]
-        assert _metrics(reader)["l3_errors"] > 0
+        assert reader.hiradix_metrics()["l3_errors"] > 0
 
         # recovery: Redis returns (empty); pages one server writes the other reads again
         redis_server.restart()
-        hits_before = _metrics(reader)["l3_hit_tokens"]
+        hits_before = reader.hiradix_metrics()["l3_hit_tokens"]
         assert _recover(writer, reader, time.monotonic() + 90, hits_before), (
             "no L3 hit after Redis returned"
         )
@@ -209,7 +202,7 @@ def _recover(writer, reader, deadline, hits_before) -> bool:
         expected = writer.generate(prompt, NEW_TOKENS).output_ids
         time.sleep(0.5)
         assert reader.generate(prompt, NEW_TOKENS).output_ids == expected
-        if _metrics(reader)["l3_hit_tokens"] > hits_before:
+        if reader.hiradix_metrics()["l3_hit_tokens"] > hits_before:
             return True
         i += 1
     return False
@@ -235,7 +228,7 @@ def test_restart_on_same_nvme_directory_reuses_pages(tiny_model, reference, tmp_
         first.wait_ready()
         for prompt in RESTART:
             assert first.generate(prompt, NEW_TOKENS).output_ids == reference[tuple(prompt)]
-        _wait_for(lambda: _metrics(first)["l2_to_l3_tokens"] >= 8 * 496, "pages on disk")
+        _wait_for(lambda: first.hiradix_metrics()["l2_to_l3_tokens"] >= 8 * 496, "pages on disk")
     assert first.proc is not None and first.proc.returncode is not None
     with _hiradix(tiny_model, tmp_path, "nvme-2", cfg) as second:
         second.wait_ready()
@@ -243,7 +236,7 @@ def test_restart_on_same_nvme_directory_reuses_pages(tiny_model, reference, tmp_
             result = second.generate(prompt, NEW_TOKENS)
             assert result.output_ids == reference[tuple(prompt)]
             assert result.cached_tokens >= 496
-        assert _metrics(second)["l3_hit_tokens"] >= 8 * 496
+        assert second.hiradix_metrics()["l3_hit_tokens"] >= 8 * 496
         _assert_clean_log(second)
 
 
@@ -270,7 +263,7 @@ def test_custom_policy_from_config_runs_in_the_scheduler(tiny_model, reference, 
         server.wait_ready()
         for prompt in RESTART[:4] + RESTART[:4]:
             assert server.generate(prompt, NEW_TOKENS).output_ids == reference[tuple(prompt)]
-        m = _metrics(server)
+        m = server.hiradix_metrics()
         assert m["policy_events"] > 0, m
         log = server.log_text()
         found = re.search(

@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import re
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +30,8 @@ class TurnStats:
     tiers: dict[str, float] = field(default_factory=dict)
 
 
-def _metrics(server: object) -> dict[str, float]:
-    text = server.get_metrics_text()  # type: ignore[attr-defined]
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^hiradix_(\w+?)(?:_total)?\{[^}]*\} ([0-9.e+-]+)$", line)
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
-    return out
-
-
 def run_workload(
-    server: object, users: int, turns: int, seed: int, new_tokens: int, hiradix: bool
+    server: Any, users: int, turns: int, seed: int, new_tokens: int, hiradix: bool
 ) -> list[TurnStats]:
     """Each user sends ``turns`` requests; each request is the whole conversation so far
     plus a new user message, like a chat client does. Users take turns (round-robin)."""
@@ -50,16 +40,16 @@ def run_workload(
     histories = [list(system) for _ in range(users)]
     stats = [TurnStats() for _ in range(turns)]
     for turn in range(turns):
-        before = _metrics(server) if hiradix else {}
+        before = server.hiradix_metrics() if hiradix else {}
         for user in range(users):
             histories[user] += [rng.randrange(4, 1000) for _ in range(rng.randrange(150, 300))]
-            result = server.generate(histories[user], new_tokens)  # type: ignore[attr-defined]
+            result = server.generate(histories[user], new_tokens)
             stats[turn].ttft.append(float(result.meta.get("first_token_latency", result.latency_s)))
             stats[turn].prompt_tokens += len(histories[user])
             stats[turn].cached_tokens += result.cached_tokens
             histories[user] += result.output_ids
         if hiradix:
-            after = _metrics(server)
+            after = server.hiradix_metrics()
             for tier in ("l1", "l2", "l3"):
                 name = f"{tier}_hit_tokens"
                 stats[turn].tiers[tier] = after.get(name, 0.0) - before.get(name, 0.0)
@@ -145,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server, args.users, args.turns, args.seed, args.new_tokens, name == "hiradix"
             )
             if name == "hiradix":
-                totals = _metrics(server)
+                totals = server.hiradix_metrics()
         print(f"[demo] stopped {name}")
 
     base = results.get("sglang")

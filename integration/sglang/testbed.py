@@ -29,6 +29,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -58,6 +59,7 @@ STANDINS: dict[str, str] = {
 }
 
 LOG_TAIL_LINES = 60
+_HIRADIX_SERIES = re.compile(r"^hiradix_(\w+?)(?:_total)?\{[^}]*\} ([0-9.e+-]+)$")
 
 
 class ServerError(RuntimeError):
@@ -369,6 +371,16 @@ class SGLangServer:
         """Prometheus text from ``/metrics`` (needs ``enable_metrics=True``, the default)."""
         _, body = self._request("GET", "/metrics", timeout=30, check=True)
         return body.decode()
+
+    def hiradix_metrics(self) -> dict[str, float]:
+        """hiradix's Prometheus series summed over label sets, keyed without the
+        ``hiradix_`` prefix and ``_total`` suffix (e.g. ``l2_hit_tokens``)."""
+        out: dict[str, float] = {}
+        for line in self.get_metrics_text().splitlines():
+            m = _HIRADIX_SERIES.match(line)
+            if m:
+                out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(2))
+        return out
 
     def get_model_info(self) -> dict[str, Any]:
         """``/get_model_info`` as a dict."""

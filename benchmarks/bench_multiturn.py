@@ -1,0 +1,758 @@
+"""Multi-turn chat against real SGLang CPU servers: SGLang's own cache vs hiradix (L1+L2+L3).
+
+The workload is the one of SGLang's ``benchmark/hicache/bench_multiturn.py``: N clients,
+R rounds each. A client's first request is ``--request-length`` random tokens (after an
+optional ``--shared-system-prompt`` common to every client); each later round appends the
+previous output and a new ``--request-length``-token user turn to the client's history and
+sends the whole history again. Requests leave a ready queue (random or fifo order) at
+Poisson (or uniform) intervals of mean ``1 / --request-rate``, at most ``--max-parallel``
+in flight, ``--output-length`` greedy tokens each (``ignore_eos``).
+
+One difference, on by default: a barrier between rounds (``--no-round-barrier`` turns it
+off and runs SGLang's free-running order). The barrier lets the script read hiradix's
+Prometheus counters between rounds, so each round gets its own share of prompt tokens
+served per tier (``hiradix_{prompt,l1_hit,l2_hit,l3_hit}_tokens`` deltas). Without it
+the tier split is reported for the whole run only.
+
+Servers, started one at a time by this script on this machine, same model, same L1
+(``--max-total-tokens``), ``--skip-tokenizer-init`` (token ids in, token ids out):
+
+* ``baseline``      SGLang 0.5.23 with its default prefix cache
+* ``hiradix_nvme``  ``--enable-hiradix``: L1 + L2 host memory + NVMe L3 in a temp dir
+* ``hiradix_redis`` ``--enable-hiradix``: L1 + L2 host memory + Redis L3 (a redis-server
+  that this script starts on a free port and stops)
+
+TTFT is measured by the client: ``"stream": true`` on ``/generate``, time to the first
+chunk that carries an output token. Latency is the time to ``[DONE]``. Throughput of a
+round is its request count over (last completion - first send) of that round.
+
+``--no-reuse``: every request is a fresh random prompt of ``--request-length`` tokens (no
+history, no shared prefix), so no cache can help and the ratios measure hiradix's
+overhead (goal: TTFT and throughput within 5% of the default cache).
+
+Model: ``build_tiny_model(dir, preset="bench")`` (random weights, built once): Llama,
+hidden 768, 4 layers, 12 heads, 4 KV heads, head dim 64, vocab 4096, bfloat16, about
+28 M parameters; KV bytes per token = 2 (K, V) x 4 layers x 4 KV heads x 64 x 2 B = 4096
+(``kv_bytes_per_token("bench")``). A 4K-token prefill takes about 1 s on an idle 2-core
+AMX Xeon. With ``--attention-backend torch_native`` on CPU a cached prefix still costs
+attention compute (sglang pads the extend query to the whole sequence), so a fully
+cached prompt is not free: ``--calibrate`` (on by default) measures cold vs fully cached
+TTFT on an idle baseline server before the workload and reports both.
+
+Run from the repository root (about 10 minutes with the defaults on 2 cores)::
+
+    .venv/bin/python benchmarks/bench_multiturn.py --json benchmarks/results/multiturn.json
+    .venv/bin/python benchmarks/bench_multiturn.py --no-reuse --json benchmarks/results/multiturn_noreuse.json
+
+Not collected by pytest (STYLE.md item 12).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hiradix.integration.procs import RedisServer
+from hiradix.integration.sglang.model_builder import (
+    build_tiny_model,
+    get_preset,
+    kv_bytes_per_token,
+)
+from hiradix.integration.sglang.testbed import SGLangServer
+
+logger = logging.getLogger(__name__)
+
+SERVERS = ("baseline", "hiradix_nvme", "hiradix_redis")
+HIRADIX = ("hiradix_nvme", "hiradix_redis")
+TIER_COUNTERS = ("prompt_tokens", "l1_hit_tokens", "l2_hit_tokens", "l3_hit_tokens")
+MIB = 1 << 20
+NOISY_OTHER_CORES = 0.25  # other jobs' average cores above which a run is flagged
+
+
+# ----------------------------------------------------------------------------- client
+
+
+@dataclass(slots=True)
+class Outcome:
+    """One finished request as the client saw it (times in seconds, perf_counter)."""
+
+    client: int
+    round: int
+    prompt_tokens: int
+    sent: float
+    ttft: float
+    latency: float
+    output_ids: list[int]
+    cached_tokens: int
+    ok: bool = True
+    error: str = ""
+
+
+def stream_generate(
+    base_url: str, input_ids: Sequence[int], max_new_tokens: int
+) -> tuple[float, float, list[int], dict[str, Any]]:
+    """Streaming ``/generate``: (ttft, latency, output ids, final meta_info)."""
+    body = json.dumps(
+        {
+            "input_ids": list(input_ids),
+            "sampling_params": {
+                "temperature": 0,
+                "max_new_tokens": max_new_tokens,
+                "ignore_eos": True,
+            },
+            "stream": True,
+        }
+    ).encode()
+    req = urllib.request.Request(base_url + "/generate", data=body, method="POST")
+    req.add_header("Content-Type", "application/json")
+    start = time.perf_counter()
+    ttft = float("nan")
+    output: list[int] = []
+    meta: dict[str, Any] = {}
+    with urllib.request.urlopen(req, timeout=900) as resp:
+        for raw in resp:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                break
+            chunk = json.loads(payload)
+            ids = chunk.get("output_ids") or []
+            if ids and math.isnan(ttft):  # first token not seen yet
+                ttft = time.perf_counter() - start
+            # sglang streams the cumulative output ids; tolerate incremental chunks too
+            output = list(ids) if len(ids) >= len(output) else output + list(ids)
+            meta = chunk.get("meta_info", meta)
+    return ttft, time.perf_counter() - start, output, meta
+
+
+@dataclass(slots=True)
+class Job:
+    client: int
+    round: int
+    input_ids: list[int]
+
+
+class Driver:
+    """Open-loop sender: Poisson/uniform gaps, a ready queue, at most ``max_parallel`` in flight.
+
+    ``follow_up(outcome)`` may return the client's next job (free-running mode); it is
+    appended to the ready queue as soon as the response is complete.
+    """
+
+    def __init__(self, base_url: str, args: argparse.Namespace, rng: random.Random) -> None:
+        self.base_url = base_url
+        self.args = args
+        self.rng = rng
+        self.cond = threading.Condition()
+
+    def run(
+        self, jobs: list[Job], total: int, follow_up: Callable[[Outcome], Job | None] | None = None
+    ) -> list[Outcome]:
+        args = self.args
+        ready = list(jobs)
+        done: list[Outcome] = []
+        in_flight = 0
+
+        def finish(job: Job, sent: float) -> None:
+            nonlocal in_flight
+            try:
+                ttft, lat, out, meta = stream_generate(
+                    self.base_url, job.input_ids, args.output_length
+                )
+                outcome = Outcome(job.client, job.round, len(job.input_ids), sent, ttft, lat, out,
+                                  int(meta.get("cached_tokens", 0)))  # fmt: skip
+            except Exception as err:  # noqa: BLE001 - a failed request is recorded, not fatal
+                outcome = Outcome(job.client, job.round, len(job.input_ids), sent, float("nan"),
+                                  time.perf_counter() - sent, [], 0, ok=False, error=repr(err))  # fmt: skip
+            nxt = follow_up(outcome) if follow_up is not None and outcome.ok else None
+            with self.cond:
+                done.append(outcome)
+                in_flight -= 1
+                if nxt is not None:
+                    ready.append(nxt)
+                self.cond.notify_all()
+
+        with ThreadPoolExecutor(max_workers=args.max_parallel) as pool:
+            sent_count = 0
+            while sent_count < total:
+                with self.cond:
+                    while not (ready and in_flight < args.max_parallel):
+                        if len(done) >= total:
+                            break
+                        self.cond.wait(0.05)
+                    if not ready:
+                        break  # a failed request ended a client early
+                    index = (
+                        self.rng.randrange(len(ready)) if args.ready_queue_policy == "random" else 0
+                    )
+                    job = ready.pop(index)
+                    in_flight += 1
+                pool.submit(finish, job, time.perf_counter())
+                sent_count += 1
+                time.sleep(self._gap())
+        return done
+
+    def _gap(self) -> float:
+        rate = self.args.request_rate
+        if rate <= 0:
+            return 0.0
+        if self.args.distribution == "poisson":
+            return self.rng.expovariate(rate)
+        return self.rng.uniform(0, 2 / rate)
+
+
+# ----------------------------------------------------------------------------- workload
+
+
+class Workload:
+    """Prompts of every client, built from one seed so every server sees the same tokens."""
+
+    def __init__(self, args: argparse.Namespace, vocab: int) -> None:
+        self.args = args
+        rng = random.Random(args.seed)
+        # ids 0-3 are special tokens of the bench tokenizer
+        self.draw = lambda n: [rng.randrange(4, vocab) for _ in range(n)]
+        self.system = self.draw(args.shared_system_prompt) if not args.no_reuse else []
+        self.turns = {(c, r): self.draw(args.request_length) for c in range(args.num_clients)
+                      for r in range(args.num_rounds)}  # fmt: skip
+        self.history: dict[int, list[int]] = {}
+
+    def first(self, client: int) -> Job:
+        prompt = self.system + self.turns[(client, 0)]
+        self.history[client] = list(prompt)
+        return Job(client, 1, prompt)
+
+    def next(self, outcome: Outcome) -> Job | None:
+        """The client's next job after ``outcome`` (history + output + new turn), or None."""
+        if outcome.round >= self.args.num_rounds:
+            return None
+        turn = self.turns[(outcome.client, outcome.round)]
+        if self.args.no_reuse:
+            return Job(outcome.client, outcome.round + 1, list(turn))
+        history = self.history[outcome.client]
+        history += outcome.output_ids + turn
+        return Job(outcome.client, outcome.round + 1, list(history))
+
+    def working_set_tokens(self) -> int:
+        """Tokens of every client's final history (the shared prompt counted once)."""
+        a = self.args
+        if a.no_reuse:
+            return a.num_clients * a.num_rounds * a.request_length
+        per_client = a.num_rounds * a.request_length + (a.num_rounds - 1) * a.output_length
+        return a.shared_system_prompt + a.num_clients * per_client
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def settled_counters(
+    server: SGLangServer, before: dict[str, float], expect_prompt: int
+) -> dict[str, float]:
+    """Counters once this phase's admissions are exported (prompt_tokens grew by ``expect_prompt``).
+
+    hiradix exports on the scheduler's housekeeping pass, so the last admission of a
+    phase may show a moment after its response; wait up to 10 s for it.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        now = server.hiradix_metrics()
+        grown = now.get("prompt_tokens", 0) - before.get("prompt_tokens", 0)
+        if grown >= expect_prompt or time.monotonic() > deadline:
+            if grown < expect_prompt:
+                logger.warning("prompt_tokens grew %d of %d expected", grown, expect_prompt)
+            return now
+        time.sleep(0.2)
+
+
+def tier_shares(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in TIER_COUNTERS}
+    prompt = max(1.0, delta["prompt_tokens"])
+    shares = {f"{k[:2]}_share": delta[f"{k[:2]}_hit_tokens"] / prompt for k in ("l1", "l2", "l3")}
+    shares["recompute_share"] = max(0.0, 1.0 - sum(shares.values()))
+    shares["prompt_tokens"] = delta["prompt_tokens"]
+    return shares
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    vals = sorted(v for v in values if not math.isnan(v))
+    if not vals:
+        return float("nan")
+    pos = (len(vals) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(vals) - 1)
+    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
+
+
+def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
+    ok = [o for o in outcomes if o.ok]
+    if not ok:
+        return {"requests": 0, "failed": len(outcomes)}
+    span = max(o.sent + o.latency for o in ok) - min(o.sent for o in ok)
+    prompt = sum(o.prompt_tokens for o in ok)
+    return {
+        "requests": len(ok),
+        "failed": len(outcomes) - len(ok),
+        "prompt_tokens_mean": prompt / len(ok),
+        "ttft_p50_s": pct([o.ttft for o in ok], 0.5),
+        "ttft_p90_s": pct([o.ttft for o in ok], 0.9),
+        "latency_p50_s": pct([o.latency for o in ok], 0.5),
+        "latency_mean_s": sum(o.latency for o in ok) / len(ok),
+        "span_s": span,
+        "throughput_rps": len(ok) / span if span > 0 else float("nan"),
+        "cached_share": sum(o.cached_tokens for o in ok) / max(1, prompt),
+    }
+
+
+class CpuMeter:
+    """CPU use during one phase: ours (server tree, redis, this client) vs everyone else's.
+
+    The host is shared: other jobs' CPU time (``other_cores``: average cores busy with
+    processes that are not ours, steal included) is what makes two sequential server runs
+    incomparable, so each run reports it.
+    """
+
+    def __init__(self, pids: Callable[[], list[int]]) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self._pids = pids
+        self._start = self._sample()
+
+    def _sample(self) -> tuple[float, float, dict[int, float]]:
+        psutil = self._psutil
+        times = psutil.cpu_times()
+        busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+        ours: dict[int, float] = {}
+        for pid in {*self._pids(), os.getpid()}:
+            try:
+                cpu = psutil.Process(pid).cpu_times()
+                ours[pid] = cpu.user + cpu.system
+            except psutil.Error:
+                continue
+        return time.monotonic(), busy, ours
+
+    def stop(self) -> dict[str, float]:
+        t0, busy0, ours0 = self._start
+        t1, busy1, ours1 = self._sample()
+        wall = max(1e-9, t1 - t0)
+        ours = sum(v - ours0.get(pid, 0.0) for pid, v in ours1.items())
+        return {
+            "wall_s": wall,
+            "machine_busy_cores": (busy1 - busy0) / wall,
+            "our_cores": ours / wall,
+            "other_cores": max(0.0, busy1 - busy0 - ours) / wall,
+        }
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+def hiradix_config(
+    args: argparse.Namespace, store: str, tmp: Path, redis_url: str | None, host_bytes: int
+) -> Path:
+    if store == "nvme":
+        l3 = f"kind: nvme, block_tokens: {args.block_tokens}, nvme: {{path: '{tmp / 'pages'}', size: 16GiB}}"
+    else:
+        l3 = f"kind: redis, block_tokens: {args.block_tokens}, redis: {{url: '{redis_url}'}}"
+    text = f"host: {{size: {host_bytes}}}\nstore: {{{l3}}}\nprefetch: {{wait: timeout}}\n"
+    path = tmp / f"hiradix-{store}.yaml"
+    path.write_text(text)
+    return path
+
+
+def run_server(
+    name: str, model: Path, args: argparse.Namespace, tmp: Path, host_bytes: int
+) -> dict[str, Any]:
+    """Start one server (and its Redis), run calibration and the workload, stop it."""
+    with ExitStack() as stack:
+        extra: list[str] = []
+        config_text = None
+        redis: RedisServer | None = None
+        if name != "baseline":
+            store = name.split("_", 1)[1]
+            if store == "redis":
+                redis = stack.enter_context(RedisServer())
+            redis_url = redis.url if redis is not None else None
+            (tmp / name).mkdir()
+            cfg = hiradix_config(args, store, tmp / name, redis_url, host_bytes)
+            config_text = cfg.read_text()
+            extra = ["--enable-hiradix", "--hiradix-config", str(cfg)]
+        server = SGLangServer(model, extra_args=extra + args.server_arg, log_path=tmp / f"{name}.log",
+                              max_total_tokens=args.max_total_tokens, page_size=args.page_size, name=name)  # fmt: skip
+        stack.enter_context(server)
+        ready = server.wait_ready(timeout=300)
+        print(f"\n== {name}: ready in {ready:.0f} s (log {server.log_path})", flush=True)
+        result: dict[str, Any] = {"ready_s": ready, "hiradix_config": config_text}
+        if args.calibrate and name == "baseline" and not args.no_reuse:
+            result["calibration"] = calibrate(server, args)
+        redis_pids = [redis.proc.pid] if redis is not None and redis.proc is not None else []
+        meter = CpuMeter(lambda: server.pids() + redis_pids)
+        result.update(run_workload(server, args, hiradix=name != "baseline"))
+        result["cpu"] = meter.stop()
+        print(
+            "  cpu: {machine_busy_cores:.2f} cores busy, ours {our_cores:.2f}, "
+            "other jobs {other_cores:.2f}".format(**result["cpu"]),
+            flush=True,
+        )
+        log = server.log_text()
+        result["log_tracebacks"] = log.count("Traceback")
+        return result
+
+
+def calibrate(server: SGLangServer, args: argparse.Namespace) -> list[dict[str, float]]:
+    """Cold vs fully cached TTFT (minimum of 2 and 3 runs) of one request on the idle server."""
+    rng = random.Random(args.seed + 99)
+    rows = []
+    for n in args.calibrate_tokens:
+        if n >= args.max_total_tokens - 16:
+            continue
+        prompt = [rng.randrange(4, 4096) for _ in range(n)]
+        # minimum of repeats: the host is shared, and the minimum is the least disturbed
+        colds = []
+        for _ in range(2):
+            server.flush_cache()
+            colds.append(stream_generate(server.base_url, prompt, 1)[0])
+        cold = min(colds)
+        warm = [stream_generate(server.base_url, prompt, 1)[0] for _ in range(3)]
+        rows.append({"prompt_tokens": n, "cold_ttft_s": cold, "cached_ttft_s": min(warm),
+                     "cached_over_cold": min(warm) / cold})  # fmt: skip
+        print(f"  calibrate {n:6d} tokens: cold {cold:6.3f} s, fully cached {min(warm):6.3f} s "
+              f"({min(warm) / cold:.2f} of cold)", flush=True)  # fmt: skip
+    server.flush_cache()
+    return rows
+
+
+def run_workload(
+    server: SGLangServer, args: argparse.Namespace, *, hiradix: bool
+) -> dict[str, Any]:
+    vocab = get_preset(args.preset).vocab_size
+    workload = Workload(args, vocab)
+    driver = Driver(server.base_url, args, random.Random(args.seed + 1))
+    counters = server.hiradix_metrics() if hiradix else {}
+    start_counters = dict(counters)
+    outcomes: list[Outcome] = []
+    per_round_tiers: dict[int, dict[str, float]] = {}
+    t0 = time.perf_counter()
+    if args.round_barrier:
+        jobs = [workload.first(c) for c in range(args.num_clients)]
+        for rnd in range(1, args.num_rounds + 1):
+            done = driver.run(jobs, len(jobs))
+            outcomes += done
+            if hiradix:
+                after = settled_counters(
+                    server, counters, sum(o.prompt_tokens for o in done if o.ok)
+                )
+                per_round_tiers[rnd] = tier_shares(counters, after)
+                counters = after
+            jobs = [
+                j
+                for j in (workload.next(o) for o in sorted(done, key=lambda o: o.client) if o.ok)
+                if j
+            ]
+            print(
+                f"  round {rnd}: {len(done)} requests, {time.perf_counter() - t0:.0f} s", flush=True
+            )
+    else:
+        jobs = [workload.first(c) for c in range(args.num_clients)]
+        outcomes = driver.run(jobs, args.num_clients * args.num_rounds, follow_up=workload.next)
+    wall = time.perf_counter() - t0
+    rounds = []
+    for rnd in range(1, args.num_rounds + 1):
+        row = {"round": rnd, **summarize([o for o in outcomes if o.round == rnd])}
+        row.update(per_round_tiers.get(rnd, {}))
+        rounds.append(row)
+    later = summarize([o for o in outcomes if o.round >= 2])
+    if args.round_barrier and later.get("requests"):
+        later["span_s"] = sum(r["span_s"] for r in rounds if r["round"] >= 2 and "span_s" in r)
+        later["throughput_rps"] = later["requests"] / later["span_s"]
+    out: dict[str, Any] = {
+        "wall_s": wall,
+        "per_round": rounds,
+        "rounds_ge2": later,
+        "all_rounds": summarize(outcomes),
+        "failures": [o.error for o in outcomes if not o.ok][:5],
+        "outputs": {f"{o.client}:{o.round}": o.output_ids for o in outcomes},
+    }
+    if hiradix:
+        end = settled_counters(server, start_counters, 0)
+        out["tiers_all_rounds"] = tier_shares(start_counters, end)
+        out["hiradix_counters_delta"] = {
+            k: end[k] - start_counters.get(k, 0.0) for k in sorted(end)
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def ratio(num: float, den: float) -> float:
+    return num / den if den and not math.isnan(den) and not math.isnan(num) else float("nan")
+
+
+def ratios(results: dict[str, Any], section: str) -> dict[str, float]:
+    """hiradix / baseline for TTFT p50 and throughput; the unsuffixed key is the worse one."""
+    base = results["baseline"][section]
+    out: dict[str, float] = {}
+    for name in HIRADIX:
+        if name not in results:
+            continue
+        tag = name.split("_", 1)[1]
+        mine = results[name][section]
+        out[f"ttft_p50_ratio_{tag}"] = ratio(mine["ttft_p50_s"], base["ttft_p50_s"])
+        out[f"throughput_ratio_{tag}"] = ratio(mine["throughput_rps"], base["throughput_rps"])
+    ttft = [v for k, v in out.items() if k.startswith("ttft")]
+    thr = [v for k, v in out.items() if k.startswith("throughput")]
+    if ttft:
+        out["ttft_p50_ratio"] = max(ttft)  # higher TTFT ratio is worse
+        out["throughput_ratio"] = min(thr)  # lower throughput ratio is worse
+    return out
+
+
+def output_agreement(results: dict[str, Any]) -> dict[str, float]:
+    """Share of requests whose greedy output equals the baseline's (same client and round)."""
+    base = results["baseline"]["outputs"]
+    agree = {}
+    for name in HIRADIX:
+        if name in results:
+            mine = results[name]["outputs"]
+            same = sum(1 for k, v in mine.items() if base.get(k) == v)
+            agree[name] = same / max(1, len(mine))
+    return agree
+
+
+def fmt(value: Any, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
+    head = (f"{'server':14} {'rnd':>3} {'n':>3} {'prompt':>7} {'TTFT p50':>9} {'TTFT p90':>9} "
+            f"{'lat p50':>8} {'lat mean':>8} {'req/s':>6} {'cached':>7} {'L1':>6} {'L2':>6} {'L3':>6} {'recomp':>6}")  # fmt: skip
+    print("\n" + head + "\n" + "-" * len(head))
+    for name in SERVERS:
+        if name not in results:
+            continue
+        rows = [*results[name]["per_round"], {"round": ">=2", **results[name]["rounds_ge2"],
+                                               **results[name].get("tiers_all_rounds", {})}]  # fmt: skip
+        for row in rows:
+            l1 = row.get("l1_share", row["cached_share"] if name == "baseline" else None)
+            print(f"{name:14} {row['round']!s:>3} {row.get('requests', 0):3d} {fmt(row.get('prompt_tokens_mean'), '.0f'):>7} "
+                  f"{fmt(row.get('ttft_p50_s'), '.3f'):>9} {fmt(row.get('ttft_p90_s'), '.3f'):>9} "
+                  f"{fmt(row.get('latency_p50_s')):>8} {fmt(row.get('latency_mean_s')):>8} {fmt(row.get('throughput_rps')):>6} "
+                  f"{fmt(row.get('cached_share'), '.0%'):>7} {fmt(l1, '.0%'):>6} {fmt(row.get('l2_share'), '.0%'):>6} "
+                  f"{fmt(row.get('l3_share'), '.0%'):>6} {fmt(row.get('recompute_share'), '.0%'):>6}")  # fmt: skip
+    print("(tier columns of the '>=2' rows: hiradix counters over all rounds)")
+    if "baseline" not in results:
+        return
+    print(f"\n{'ratio hiradix/SGLang':24} " + " ".join(f"{'rnd ' + str(r):>8}" for r in range(1, args.num_rounds + 1))
+          + f" {'>=2' if not args.no_reuse else 'all':>8}")  # fmt: skip
+    section = "all_rounds" if args.no_reuse else "rounds_ge2"
+    summary = ratios(results, section)
+    for name in HIRADIX:
+        if name not in results:
+            continue
+        tag = name.split("_", 1)[1]
+        for metric, key in (("TTFT p50", "ttft_p50_s"), ("throughput", "throughput_rps")):
+            cells = [
+                ratio(m[key], b[key])
+                for m, b in zip(results[name]["per_round"], results["baseline"]["per_round"])
+            ]
+            total = summary[f"{'ttft_p50' if key.startswith('ttft') else 'throughput'}_ratio_{tag}"]
+            print(
+                f"{tag + ' ' + metric:24} "
+                + " ".join(f"{fmt(c):>8}" for c in cells)
+                + f" {fmt(total):>8}"
+            )
+
+
+def goals(summary: dict[str, float], no_reuse: bool) -> dict[str, Any]:
+    if no_reuse:
+        return {
+            "ttft_within_5pct": summary.get("ttft_p50_ratio", float("nan")) <= 1.05,
+            "throughput_within_5pct": summary.get("throughput_ratio", float("nan")) >= 0.95,
+        }
+    return {
+        "ttft_p50_3x_lower": summary.get("ttft_p50_ratio", float("nan")) <= 1 / 3,
+        "throughput_2x": summary.get("throughput_ratio", float("nan")) >= 2.0,
+    }
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in lscpu.splitlines()
+                if ln.startswith("Model name")
+            ),
+            "",
+        )
+    except OSError:
+        pass
+    mem = 0
+    try:
+        with open("/proc/meminfo") as fh:
+            mem = int(fh.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"nproc": os.cpu_count(), "cpu": model, "mem_gib": round(mem / 2**30, 1),
+            "loadavg_start": os.getloadavg(), "python": platform.python_version()}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, required=True, help="where to write results")
+    p.add_argument("--num-clients", type=int, default=8)
+    p.add_argument("--num-rounds", type=int, default=4)
+    p.add_argument("--request-length", type=int, default=1536, help="tokens of each new user turn")
+    p.add_argument(
+        "--output-length", type=int, default=32, help="greedy tokens generated per request"
+    )
+    p.add_argument(
+        "--shared-system-prompt",
+        type=int,
+        default=0,
+        help="tokens of a prompt common to every client",
+    )
+    p.add_argument(
+        "--request-rate", type=float, default=4.0, help="mean requests per second (0: no gaps)"
+    )
+    p.add_argument("--distribution", choices=("poisson", "uniform"), default="poisson")
+    p.add_argument("--max-parallel", type=int, default=8, help="requests in flight at most")
+    p.add_argument("--ready-queue-policy", choices=("random", "fifo"), default="random")
+    p.add_argument("--round-barrier", action=argparse.BooleanOptionalAction, default=True,
+                   help="wait for every client's round before the next (per-round tier counters)")  # fmt: skip
+    p.add_argument(
+        "--no-reuse", action="store_true", help="fresh random prompts only: hiradix's overhead"
+    )
+    p.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=12288,
+        help="L1 (device KV pool) tokens, all servers",
+    )
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--block-tokens", type=int, default=64, help="hiradix store.block_tokens")
+    p.add_argument("--host-size", default="auto",
+                   help="hiradix host.size in bytes; auto: max(4 x L1, 1.25 x working set)")  # fmt: skip
+    p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    p.add_argument("--preset", default="bench", help="model preset of build_tiny_model")
+    p.add_argument(
+        "--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "hiradix-bench-model"
+    )
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="cold vs fully cached TTFT on the idle baseline server first")  # fmt: skip
+    p.add_argument("--calibrate-tokens", type=int, nargs="+", default=[1536, 3072, 6144])
+    p.add_argument(
+        "--server-arg", action="append", default=[], help="extra sglang flag (repeatable)"
+    )
+    p.add_argument("--keep-tmp", action="store_true", help="keep server logs and stores")
+    p.add_argument("--seed", type=int, default=1)
+    return p.parse_args(argv)
+
+
+def host_bytes_for(args: argparse.Namespace, working_set: int, kv_bytes: int) -> int:
+    if args.host_size != "auto":
+        return int(args.host_size)
+    tokens = max(4 * args.max_total_tokens, int(1.25 * working_set))
+    return -(-tokens * kv_bytes // MIB) * MIB
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    model = build_tiny_model(args.model_dir, preset=args.preset)
+    kv_bytes = kv_bytes_per_token(args.preset)
+    working_set = Workload(args, get_preset(args.preset).vocab_size).working_set_tokens()
+    host_bytes = host_bytes_for(args, working_set, kv_bytes)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-multiturn-"))
+    print(f"model {args.preset}: {kv_bytes} KV bytes/token; L1 {args.max_total_tokens} tokens "
+          f"({args.max_total_tokens * kv_bytes / MIB:.0f} MiB); working set {working_set} tokens "
+          f"= {working_set / args.max_total_tokens:.1f} x L1; hiradix host {host_bytes / MIB:.0f} MiB "
+          f"({host_bytes // kv_bytes} tokens); logs in {tmp}", flush=True)  # fmt: skip
+    data: dict[str, Any] = {
+        "benchmark": "multiturn" + ("_no_reuse" if args.no_reuse else ""),
+        "argv": sys.argv[1:],
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine(),
+        "model": {
+            "preset": args.preset,
+            **asdict(get_preset(args.preset)),
+            "kv_bytes_per_token": kv_bytes,
+        },
+        "working_set_tokens": working_set,
+        "working_set_over_l1": working_set / args.max_total_tokens,
+        "host_bytes": host_bytes,
+        "rounds": list(range(1, args.num_rounds + 1)),
+    }
+    t0 = time.perf_counter()
+    try:
+        for name in args.servers:
+            data[name] = run_server(name, model, args, tmp, host_bytes)
+    finally:
+        if not args.keep_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    data["total_wall_s"] = time.perf_counter() - t0
+    data["machine"]["loadavg_end"] = os.getloadavg()
+    print_tables(data, args)
+    if "baseline" in data:
+        summary = ratios(data, "all_rounds" if args.no_reuse else "rounds_ge2")
+        data.update(summary)
+        data["ratio_section"] = "all_rounds" if args.no_reuse else "rounds_ge2"
+        data["goals"] = goals(summary, args.no_reuse)
+        # other jobs on a shared host slow whichever server they overlap: flag the run
+        other = max(data[n]["cpu"]["other_cores"] for n in SERVERS if n in data)
+        data["max_other_cores"] = other
+        data["goals"]["host_quiet"] = other <= NOISY_OTHER_CORES
+        if other > NOISY_OTHER_CORES:
+            print(f"WARNING: other jobs used up to {other:.2f} cores during a server run; "
+                  "ratios are not reliable (repeat on a quiet host)")  # fmt: skip
+        data["outputs_equal_to_baseline"] = output_agreement(data)
+    for name in SERVERS:
+        if name in data:
+            data[name].pop("outputs", None)
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    if args.max_parallel < 1 or args.num_clients < 1 or args.num_rounds < 1:
+        raise SystemExit("--max-parallel, --num-clients and --num-rounds must be >= 1")
+    data = run(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+    brief = {
+        k: data[k]
+        for k in data
+        if k.startswith(("ttft_p50_ratio", "throughput_ratio", "goals", "outputs_equal"))
+    }
+    print("\n" + json.dumps(brief, indent=2))
+    print(f"wrote {args.json} ({data['total_wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
