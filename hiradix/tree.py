@@ -31,6 +31,8 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sortedcontainers import SortedList
+
 from hiradix.policies.eviction import EvictionOrder, get_eviction_order
 from hiradix.types import PageKey
 
@@ -38,6 +40,59 @@ logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 FreeCallback = Callable[[Any], None]
+
+
+class LeafQueue:
+    """The evictable leaves of one tier, kept sorted by the eviction order (node id breaks
+    ties, so every TP rank picks the same victims): O(log n) to add, remove, re-rank and
+    take the next victim, and no rebuild per eviction call."""
+
+    __slots__ = ("_keys", "_nodes", "_order", "_sorted")
+
+    def __init__(self, order: EvictionOrder):
+        self._order = order
+        self._sorted: SortedList = SortedList()
+        self._keys: dict[int, tuple] = {}
+        self._nodes: dict[int, Node] = {}
+
+    def __contains__(self, node: object) -> bool:
+        return isinstance(node, Node) and node.id in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __bool__(self) -> bool:
+        return bool(self._keys)
+
+    def __iter__(self) -> Iterator[Node]:
+        return (self._nodes[key[-1]] for key in self._sorted)
+
+    def add(self, node: Node) -> None:
+        if node.id not in self._keys:
+            key = (self._order(node), node.id)
+            self._keys[node.id] = key
+            self._nodes[node.id] = node
+            self._sorted.add(key)
+
+    def discard(self, node: Node) -> None:
+        key = self._keys.pop(node.id, None)
+        if key is not None:
+            del self._nodes[node.id]
+            self._sorted.remove(key)
+
+    def refresh(self, node: Node) -> None:
+        """Re-rank ``node`` after a field its order reads changed."""
+        if node.id in self._keys:
+            self.discard(node)
+            self.add(node)
+
+    def first(self) -> Node:
+        return self._nodes[self._sorted[0][-1]]
+
+    def clear(self) -> None:
+        self._sorted.clear()
+        self._keys.clear()
+        self._nodes.clear()
 
 
 class Ticket:
@@ -211,8 +266,8 @@ class RadixTree:
         self.evictable_tokens = 0
         self.protected_tokens = 0
         self.l2_tokens = 0
-        self.l1_leaves: set[Node] = set()
-        self.l2_leaves: set[Node] = set()
+        self.l1_leaves = LeafQueue(self.order)
+        self.l2_leaves = LeafQueue(self.order)
 
     def _new_node(self, tokens: array, parent: Node | None) -> Node:
         node = Node(self._next_id, tokens, parent, self._tick, self.clock())
@@ -268,6 +323,7 @@ class RadixTree:
                 child.last_access = tick
                 if self.ttl.enabled:
                     child.accessed_at = now
+                self._reranked(child)
             pos += matched
             node = child
             if child.l1 is not None:
@@ -328,6 +384,7 @@ class RadixTree:
             pos += matched
             if pos > inserted_len:
                 child.hits += 1
+            self._reranked(child)
             node = child
         if pos < n:
             child = self._new_node(tokens[pos:], node)
@@ -453,21 +510,26 @@ class RadixTree:
 
         return self._evict(self.l1_leaves, drop, num_tokens)
 
-    def _evict(self, leaves: set[Node], drop: Callable[[Node], int], num_tokens: int) -> int:
-        """Pop ``leaves`` in the eviction order, dropping each, until ``num_tokens`` are
-        freed; a parent that becomes a leaf joins the queue."""
-        heap = [(self.order(n), n) for n in leaves]
-        heapq.heapify(heap)
+    def _evict(self, leaves: LeafQueue, drop: Callable[[Node], int], num_tokens: int) -> int:
+        """Drop the first leaves in the eviction order until ``num_tokens`` are freed; a
+        parent that becomes a leaf takes its place in the queue."""
         freed = 0
-        while freed < num_tokens and heap:
-            _, node = heapq.heappop(heap)
-            if node not in leaves:
-                continue
-            parent = node.parent
+        while freed < num_tokens and leaves:
+            node = leaves.first()
             freed += drop(node)
-            if parent is not None and parent in leaves:
-                heapq.heappush(heap, (self.order(parent), parent))
+            leaves.discard(node)  # a no-op unless the drop kept it (never loop on a victim)
         return freed
+
+    def _reranked(self, node: Node) -> None:
+        if node in self.l1_leaves:
+            self.l1_leaves.refresh(node)
+        if node in self.l2_leaves:
+            self.l2_leaves.refresh(node)
+
+    def set_cold(self, node: Node) -> None:
+        """Put ``node`` first in line for eviction (a policy's ``Cold`` plan)."""
+        node.last_access = -1
+        self._reranked(node)
 
     def host_parent_ok(self, node: Node) -> bool:
         """Whether ``node`` may get a host copy: its parent must be resident somewhere, so
@@ -792,6 +854,17 @@ class RadixTree:
             if node.l2 is not None:
                 host += len(node)
             assert node.lock_ref >= 0
+        for node in self.iter_nodes():
+            if node.parent is None or node.parent is self.root:
+                continue
+            is_l1_leaf = (
+                node.l1 is not None
+                and node.lock_ref == 0
+                and not any(c.l1 is not None for c in node.children.values())
+            )
+            assert is_l1_leaf == (node in self.l1_leaves), f"L1 leaf queue out of date at {node!r}"
+        ranks = [(self.order(n), n.id) for n in self.l1_leaves]
+        assert ranks == sorted(ranks), "L1 leaf queue out of order"
         assert evictable == self.evictable_tokens, (evictable, self.evictable_tokens)
         assert protected == self.protected_tokens, (protected, self.protected_tokens)
         assert host == self.l2_tokens, (host, self.l2_tokens)

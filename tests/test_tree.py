@@ -266,6 +266,14 @@ class TreeMachine(RuleBasedStateMachine):
     def evict(self, n):
         self.tree.evict_l1(n)
 
+    @rule()
+    def reset(self):
+        """Flush: the tree forgets everything; the owner clears its pool."""
+        self.tree.reset()
+        self.pool = SlotPool()
+        self.tree.free_l1 = self.pool.free
+        self.locked = []
+
     @invariant()
     def consistent(self):
         self.tree.check_invariants()

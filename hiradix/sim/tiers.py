@@ -358,7 +358,7 @@ class Tiers:
                 break  # used by other requests: not this path's own
             first = False
             parent = node.parent
-            node.last_access = -1  # before every logical tick: first in LRU/LFU order
+            self.tree.set_cold(node)  # before every logical tick: first in LRU/LFU order
             self.counters["cold_nodes"] += 1
             if parent is None or len(parent.children) > 1:
                 break

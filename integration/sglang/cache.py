@@ -743,7 +743,7 @@ class HiRadixCache(BasePrefixCache):
         if isinstance(plan, Cold):
             found = self.tree.match(plan.namespace, tokens, touch=False)
             if found.host_len or found.l1_len:
-                found.host_node.last_access = 0  # first in line for eviction
+                self.tree.set_cold(found.host_node)  # first in line for eviction
             return
         if not isinstance(plan, Stage) or plan.tier is not Tier.L2 or self.storage is None:
             self.stats.add("policy_plans_skipped")
