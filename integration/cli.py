@@ -145,12 +145,32 @@ def build_parser() -> argparse.ArgumentParser:
         usage="hiradix demo [--config FILE] [demo options...]",
     )
     commands.add_parser(
+        "serve",
+        add_help=False,  # --help goes to SGLang's launcher, which lists the hiradix flags
+        help="start an SGLang server (python -m sglang.launch_server; all options pass through)",
+        usage="hiradix serve --model-path PATH --enable-hiradix [--hiradix-config FILE] ...",
+    )
+    commands.add_parser(
         "sim",
         add_help=False,
         help="replay a trace in the simulator (options are passed to it)",
         usage="hiradix sim [simulator options...]",
     )
     return parser
+
+
+def _serve(rest: list[str]) -> int:
+    """Hand over to SGLang's launcher in this process: its plugin loading registers
+    hiradix's backend and flags before it parses ``rest``."""
+    import runpy
+
+    sys.argv = ["hiradix serve", *rest]
+    try:
+        runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         return _passthrough(_DEMO_MODULE, "demo", rest)
     if args.command == "sim":
         return _passthrough(_SIM_MODULE, "sim", rest)
+    if args.command == "serve":
+        return _serve(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)

@@ -161,3 +161,34 @@ def test_main_reads_sys_argv(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> No
     assert cli.main() == 0
     assert "`store.kind`" in capsys.readouterr().out
     assert os.path.exists(default_config_path())
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["-m", "sglang.launch_server", "--help"], ["-m", "hiradix.integration.cli", "serve", "--help"]],
+)
+def test_sglang_help_lists_the_hiradix_flags(command):
+    """The plugin adds --enable-hiradix and --hiradix-config to SGLang's own launcher, and
+    ``hiradix serve`` passes everything through to it."""
+    from hiradix.integration.sglang.testbed import cpu_server_env
+
+    out = subprocess.run(
+        [sys.executable, *command], capture_output=True, text=True, timeout=300,
+        env=cpu_server_env(), check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--enable-hiradix" in out.stdout and "--hiradix-config" in out.stdout
+
+
+def test_bad_config_fails_the_launch_before_any_process_starts(tmp_path):
+    from hiradix.integration.sglang.testbed import cpu_server_env
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("store: {kind: mongo}\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tmp_path),
+         "--device", "cpu", "--enable-hiradix", "--hiradix-config", str(bad)],
+        capture_output=True, text=True, timeout=300, env=cpu_server_env(), check=False,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "config key 'store.kind': got 'mongo'; allowed: none, nvme, redis, memory" in out.stderr
