@@ -215,6 +215,9 @@ class StorageTier:
             for key in written:
                 self._remember_written(key)
                 self._absent.pop(key, None)
+            until = self.clock() + self.presence_ttl
+            for n in pinned.values():
+                n.l3_until = until  # L3 presence of the path, with an expiry
             self.stats.add("l2_to_l3_tokens", len(items) * self.block)
             self.stats.add("l3_put_bytes", nbytes or 0)
 

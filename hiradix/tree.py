@@ -145,6 +145,7 @@ class Node:
         "l2_ticket",
         "last_access",
         "lock_ref",
+        "l3_until",
         "namespace",
         "parent",
         "priority",
@@ -170,6 +171,7 @@ class Node:
         self.l1_at = now
         self.l2_at = now
         self.keys: list[PageKey] | None = None
+        self.l3_until = 0.0  # its pages are known to be in the L3 store until then
         self.namespace: Hashable = parent.namespace if parent is not None else None
 
     def __len__(self) -> int:
@@ -432,6 +434,7 @@ class RadixTree:
             "l2_at",
             "l2_ticket",
             "l2_pins",
+            "l3_until",
         ):
             setattr(upper, attr, getattr(child, attr))
         if child.l1 is not None:
