@@ -151,6 +151,30 @@ class LayerEvents:
             e.synchronize()
 
 
+class LayerLoadGate:
+    """SGLang's layer-transfer counter, for hiradix's loads: registered on the device KV
+    pool, whose ``get_key_buffer(layer)`` calls ``wait_until(layer)`` before attention
+    reads it. The current (forward) stream then waits for that layer of every load still
+    in flight, and for nothing else: layer ``i`` computes while layer ``i + 1`` copies."""
+
+    consumer_index = 0  # SGLang reads it on its mamba path; a plain KV gate is always "on"
+
+    def __init__(self) -> None:
+        self._loads: list[LayerEvents] = []
+
+    def add(self, load: LayerEvents) -> None:
+        self._loads = [x for x in self._loads if not x.done()]
+        self._loads.append(load)
+
+    def wait_until(self, layer: int) -> None:
+        for load in self._loads:
+            load.wait_until(layer)
+
+    @property
+    def pending(self) -> int:
+        return len(self._loads)
+
+
 class CudaKvCopier:
     """Copies on a dedicated stream, ordered after the forward stream."""
 

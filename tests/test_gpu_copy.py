@@ -122,3 +122,30 @@ def test_scattered_host_slots_take_the_staging_path():
     target = torch.arange(SLOTS - 512, SLOTS, device="cuda")  # disjoint from the source
     copier.host_to_device(host_idx, target).wait()
     assert torch.equal(k[3][target], want)
+
+
+def test_layer_gate_lets_attention_wait_for_its_own_layer_only():
+    """Registered on SGLang's KV pool, the gate makes the forward stream wait, per layer,
+    for the loads still in flight."""
+    from hiradix.kv_copy import LayerLoadGate
+
+    k, v, slab = make_pool(torch.float32)
+    copier = CudaKvCopier(k, v, slab)
+    host_idx = slab.alloc(256)
+    for layer in range(LAYERS):
+        slab.k[layer][host_idx] = float(layer + 1)
+    target = torch.arange(256, device="cuda")
+    gate = LayerLoadGate()
+    gate.add(copier.host_to_device(host_idx, target))
+    forward = torch.cuda.Stream()
+    sums = []
+    with torch.cuda.stream(forward):
+        for layer in range(LAYERS):  # what attention does: wait, then read the layer
+            gate.wait_until(layer)
+            sums.append(k[layer][target].sum())
+    torch.cuda.synchronize()
+    per_layer = 256 * HEADS * DIM
+    assert [float(x) for x in sums] == [float((layer + 1) * per_layer) for layer in range(LAYERS)]
+    torch.cuda.synchronize()
+    gate.add(copier.host_to_device(host_idx, target))
+    assert gate.pending == 1  # the finished load was dropped when this one came

@@ -35,7 +35,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from hiradix.kv_copy import LayerEvents, make_copier
+from hiradix.kv_copy import LayerEvents, LayerLoadGate, make_copier
 from hiradix.metrics import PrometheusExporter, Stats, StatsSnapshot
 from hiradix.policies.base import (
     ArrivalEvent,
@@ -231,6 +231,9 @@ class HiRadixCache(BasePrefixCache):
             pin_memory=k0.is_cuda,
         )
         self.tree.free_l2 = self.slab.free
+        if k0.is_cuda and getattr(kv, "layer_transfer_counter", None) is None:
+            self.load_gate = LayerLoadGate()
+            kv.register_layer_transfer_counter(self.load_gate)
         self.engine = TransferEngine(
             make_copier(
                 device_k,
@@ -622,8 +625,9 @@ class HiRadixCache(BasePrefixCache):
                 return None
             host_idx = torch.cat([x.l2 for x in run]) if len(run) > 1 else run[0].l2
             handle = self.engine.load(host_idx, device_idx)
-            if isinstance(handle, LayerEvents) and self.forward_stream is not None:
-                # the forward stream waits on the GPU; the host rows were read already
+            if isinstance(handle, LayerEvents) and self.load_gate is not None:
+                self.load_gate.add(handle)  # attention on layer i waits for layer i only
+            elif isinstance(handle, LayerEvents) and self.forward_stream is not None:
                 self.forward_stream.wait_event(handle.events[-1])
             else:
                 handle.wait()
