@@ -268,7 +268,10 @@ class NvmeStore(PageStore):
                     expired = True
                 else:
                     expired = False
-                    data = f.readall()
+                    # one allocation of the known size (readall() grows its buffer)
+                    data = f.read(st.st_size)
+                    if len(data) < st.st_size:  # short read: the rest, if any
+                        data += f.readall()
         except FileNotFoundError:
             with self._lock:
                 self._forget_locked(key)
