@@ -365,16 +365,7 @@ class RadixTree:
         n = len(tokens)
         pos = prefix_len = 0
         new_nodes: list[Node] = []
-        while pos < n:
-            child = node.children.get(self._child_key(tokens, pos))
-            if child is None:
-                break
-            matched = common_prefix_len(child.tokens, tokens, pos)
-            matched -= matched % self.page_size
-            if matched == 0:
-                break
-            if matched < len(child.tokens):
-                child = self._split(child, matched)
+        for child, matched in self._descend(node, tokens):
             child.last_access = tick
             child.accessed_at = now
             child.priority = max(child.priority, priority)
@@ -397,6 +388,25 @@ class RadixTree:
             new_nodes.append(child)
             node = child
         return InsertOutcome(prefix_len, node, tuple(new_nodes))
+
+    def _descend(self, node: Node, tokens: array) -> Iterator[tuple[Node, int]]:
+        """Walk down from ``node`` along ``tokens``, yielding ``(child, tokens matched in
+        it)``; a match that ends inside a node splits it there. The caller advances its own
+        position by the matched length after each step."""
+        pos, n = 0, len(tokens)
+        while pos < n:
+            child = node.children.get(self._child_key(tokens, pos))
+            if child is None:
+                return
+            matched = common_prefix_len(child.tokens, tokens, pos)
+            matched -= matched % self.page_size
+            if matched == 0:
+                return
+            if matched < len(child.tokens):
+                child = self._split(child, matched)
+            yield child, matched
+            pos += matched
+            node = child
 
     def _attach_l1(self, node: Node, values: Any, now: float) -> None:
         node.l1 = values
@@ -639,16 +649,7 @@ class RadixTree:
         n = len(tokens)
         pos = 0
         unused: list[Any] = []
-        while pos < n:
-            child = node.children.get(self._child_key(tokens, pos))
-            if child is None:
-                break
-            matched = common_prefix_len(child.tokens, tokens, pos)
-            matched -= matched % self.page_size
-            if matched == 0:
-                break
-            if matched < len(child.tokens):
-                child = self._split(child, matched)
+        for child, matched in self._descend(node, tokens):
             if pos + matched > start:
                 unused.append(slots[max(pos, start) - start : pos + matched - start])
             pos += matched
