@@ -23,7 +23,6 @@ Invariants (checked by ``check_invariants`` in tests):
 from __future__ import annotations
 
 import hashlib
-import heapq
 import logging
 import time
 from array import array
@@ -143,9 +142,9 @@ class Node:
         "l2_at",
         "l2_pins",
         "l2_ticket",
+        "l3_until",
         "last_access",
         "lock_ref",
-        "l3_until",
         "namespace",
         "parent",
         "priority",
