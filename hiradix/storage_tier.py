@@ -221,7 +221,7 @@ class StorageTier:
             self.stats.add("l2_to_l3_tokens", len(items) * self.block)
             self.stats.add("l3_put_bytes", nbytes or 0)
 
-        self.engine.submit_io(job, done)
+        self.engine.submit_io(job, done, lane="write")
 
     def _gather(self, page_slots: torch.Tensor) -> bytes:
         page = torch.stack((self.slab.k[:, page_slots], self.slab.v[:, page_slots]))

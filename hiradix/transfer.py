@@ -40,7 +40,8 @@ class TransferEngine:
         self.copier = copier
         self.io_workers = io_workers
         self._copies: list[tuple[CopyHandle, CopyDone]] = []
-        self._io_pool: ThreadPoolExecutor | None = None
+        # Two lanes: lookups a request may be waiting on never queue behind bulk writes.
+        self._io_pools: dict[str, ThreadPoolExecutor] = {}
         self._io_done: queue.SimpleQueue[tuple[IoDone, Any, BaseException | None]] = (
             queue.SimpleQueue()
         )
@@ -70,14 +71,18 @@ class TransferEngine:
         return self.copier.host_to_device(host_idx, device_idx)
 
     # ------------------------------------------------------------------ store IO
-    def submit_io(self, job: Callable[[], Any], on_done: IoDone) -> None:
-        """Run ``job`` on an IO thread; ``on_done(result, error)`` runs from ``poll``."""
-        if self._io_pool is None:
+    def submit_io(self, job: Callable[[], Any], on_done: IoDone, *, lane: str = "read") -> None:
+        """Run ``job`` on an IO thread of ``lane`` (``read``: lookups and fetches a request
+        may wait on; ``write``: write-through); ``on_done(result, error)`` runs from ``poll``."""
+        pool = self._io_pools.get(lane)
+        if pool is None:
             with self._lock:
-                if self._io_pool is None:
-                    self._io_pool = ThreadPoolExecutor(
-                        max_workers=self.io_workers, thread_name_prefix="hiradix-io"
+                pool = self._io_pools.get(lane)
+                if pool is None:
+                    pool = ThreadPoolExecutor(
+                        max_workers=self.io_workers, thread_name_prefix=f"hiradix-{lane}"
                     )
+                    self._io_pools[lane] = pool
         self._io_in_flight += 1
 
         def run() -> None:
@@ -88,7 +93,7 @@ class TransferEngine:
             else:
                 self._io_done.put((on_done, result, None))
 
-        self._io_pool.submit(run)
+        pool.submit(run)
 
     # ------------------------------------------------------------------ completion
     @property
@@ -143,9 +148,9 @@ class TransferEngine:
 
     def shutdown(self) -> None:
         self.drain()
-        if self._io_pool is not None:
-            self._io_pool.shutdown(wait=False, cancel_futures=True)
-            self._io_pool = None
+        for pool in self._io_pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._io_pools = {}
 
 
 class _Failed:
