@@ -108,6 +108,35 @@ def needs_staging(event: TickEvent, namespace: Hashable, tokens: Any, tier: Tier
     return held < len(tokens)
 
 
+class _Staging(PrefetchPolicy):
+    """The options shared by the predictive policies, validated once."""
+
+    block: int
+    lead: float
+    l1_lead: float
+    l2_budget: float
+    l1_budget: float
+    ema: float
+
+    def _staging_options(
+        self,
+        block_tokens: int,
+        lead_s: float,
+        l1_lead_s: float,
+        l2_budget: float,
+        l1_budget: float,
+        ema: float,
+    ) -> None:
+        self.block = _count(block_tokens, "block_tokens")
+        self.lead = _positive(lead_s, "lead_s", zero=True)
+        self.l1_lead = _positive(l1_lead_s, "l1_lead_s", zero=True)
+        self.l2_budget = _positive(l2_budget, "l2_budget", zero=True)
+        self.l1_budget = _positive(l1_budget, "l1_budget", zero=True)
+        self.ema = _positive(ema, "ema")
+        if self.ema > 1:
+            raise ValueError(f"prefetch.options.ema: {ema!r}; allowed: (0, 1]")
+
+
 class NonePolicy(PrefetchPolicy):
     """``none``: never prefetches. L3 hits are read only when a request is scheduled (and
     only under the ``wait_complete`` / ``timeout`` wait modes). No options."""
@@ -146,7 +175,7 @@ class _Session:
         self.version = 0
 
 
-class SessionPolicy(PrefetchPolicy):
+class SessionPolicy(_Staging):
     """``session``: multi-turn conversations. When a request finishes, its path is kept as
     the session's; shortly before the session's next turn is expected (its finish time
     plus its learned think time, minus ``lead_s``) the path is staged back up, so the next
@@ -190,15 +219,8 @@ class SessionPolicy(PrefetchPolicy):
         max_idle_s: float = 1800.0,
         stage_on_arrival: bool = True,
     ) -> None:
-        self.block = _count(block_tokens, "block_tokens")
+        self._staging_options(block_tokens, lead_s, l1_lead_s, l2_budget, l1_budget, ema)
         self.prior = _positive(think_time_s, "think_time_s")
-        self.lead = _positive(lead_s, "lead_s", zero=True)
-        self.l1_lead = _positive(l1_lead_s, "l1_lead_s", zero=True)
-        self.l2_budget = _positive(l2_budget, "l2_budget", zero=True)
-        self.l1_budget = _positive(l1_budget, "l1_budget", zero=True)
-        self.ema = _positive(ema, "ema")
-        if self.ema > 1:
-            raise ValueError(f"prefetch.options.ema: {ema!r}; allowed: (0, 1]")
         self.min_tokens = _count(min_tokens, "min_tokens", 0)
         self.index_blocks = _count(index_blocks, "index_blocks")
         self.max_sessions = _count(max_sessions, "max_sessions")
@@ -469,7 +491,7 @@ class _Block:
         self.reused = False
 
 
-class PatternPolicy(PrefetchPolicy):
+class PatternPolicy(_Staging):
     """``pattern``: learns how shared prefixes are reused and stages what it predicts.
 
     On each arrival the prompt's block keys are looked up among the blocks seen before;
@@ -514,15 +536,8 @@ class PatternPolicy(PrefetchPolicy):
         max_prefixes: int = 100000,
         max_blocks: int = 400000,
     ) -> None:
-        self.block = _count(block_tokens, "block_tokens")
+        self._staging_options(block_tokens, lead_s, l1_lead_s, l2_budget, l1_budget, ema)
         self.horizon = _positive(horizon_s, "horizon_s")
-        self.lead = _positive(lead_s, "lead_s", zero=True)
-        self.l1_lead = _positive(l1_lead_s, "l1_lead_s", zero=True)
-        self.l2_budget = _positive(l2_budget, "l2_budget", zero=True)
-        self.l1_budget = _positive(l1_budget, "l1_budget", zero=True)
-        self.ema = _positive(ema, "ema")
-        if self.ema > 1:
-            raise ValueError(f"prefetch.options.ema: {ema!r}; allowed: (0, 1]")
         self.readahead = _count(readahead_tokens, "readahead_tokens", 0)
         self.cold_min = _count(cold_min_tokens, "cold_min_tokens", 0)
         self.cold_below = _positive(cold_below, "cold_below", zero=True)
