@@ -606,13 +606,17 @@ class RadixTree:
         node.l1 = None
         self.evictable_tokens -= size
         self.l1_leaves.discard(node)
-        if node.l2 is None:
+        self._after_drop(node)
+        return size
+
+    def _after_drop(self, node: Node) -> None:
+        """A tier let ``node`` go: unlink it if no tier holds it any more."""
+        if node.l1 is None and node.l2 is None:
             self._remove(node)
         else:
             self._update_leaf(node)
             if node.parent is not None:
                 self._update_leaf(node.parent)
-        return size
 
     def evict_l2(self, num_tokens: int) -> int:
         """Drop host copies of leaves that no load is reading, until ``num_tokens`` are
@@ -628,12 +632,7 @@ class RadixTree:
         node.l2_ticket = None
         self.l2_tokens -= size
         self.l2_leaves.discard(node)
-        if node.l1 is None:
-            self._remove(node)
-        else:
-            self._update_leaf(node)
-            if node.parent is not None:
-                self._update_leaf(node.parent)
+        self._after_drop(node)
         return size
 
     def insert_host(
