@@ -6,7 +6,8 @@ Every order ends with the node id so that ties break the same way on every TP ra
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 
 class EvictableView(Protocol):
