@@ -165,7 +165,10 @@ def test_main_reads_sys_argv(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> No
 
 @pytest.mark.parametrize(
     "command",
-    [["-m", "sglang.launch_server", "--help"], ["-m", "hiradix.integration.cli", "serve", "--help"]],
+    [
+        ["-m", "sglang.launch_server", "--help"],
+        ["-m", "hiradix.integration.cli", "serve", "--help"],
+    ],
 )
 def test_sglang_help_lists_the_hiradix_flags(command):
     """The plugin adds --enable-hiradix and --hiradix-config to SGLang's own launcher, and
