@@ -9,7 +9,6 @@ HTTP server aggregates them, so counters are exported as deltas and gauges use t
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,7 +109,3 @@ class PrometheusExporter:
         for name, value in stats.gauges.items():
             gauge = self._gauges[name]
             (gauge.labels(**self.labels) if self.labels else gauge).set(value)
-
-
-def snapshot_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(StatsSnapshot)]

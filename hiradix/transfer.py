@@ -100,10 +100,6 @@ class TransferEngine:
     def in_flight(self) -> int:
         return len(self._copies) + self._io_in_flight
 
-    @property
-    def copies_in_flight(self) -> int:
-        return len(self._copies)
-
     def poll(self) -> int:
         """Run the callbacks of every finished order; returns how many ran. Never blocks."""
         ran = 0

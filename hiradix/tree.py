@@ -677,19 +677,6 @@ class RadixTree:
         if node.parent is not None:
             self._update_leaf(node.parent)
 
-    def finish_l2(self, node: Node, ok: bool) -> None:
-        """A host write covering ``node`` completed; on failure its slots go back."""
-        if node.parent is None or node.l2 is None:
-            return  # removed meanwhile
-        if ok:
-            if node.l2_ticket is not None and node.l2_ticket.done:
-                node.l2_ticket = None
-            self._update_leaf(node)
-            if node.parent is not None:
-                self._update_leaf(node.parent)
-        else:
-            self._drop_host_subtree(node)
-
     def _drop_host_subtree(self, node: Node) -> None:
         for child in list(node.children.values()):
             self._drop_host_subtree(child)

@@ -125,8 +125,7 @@ def test_host_copy_survives_device_eviction_and_is_reported():
     tree.lock(node)
     tree.attach_l2(node, host.alloc(None, a), ticket)
     assert tree.match(None, a).l1_len == 4
-    ticket.done = True
-    tree.finish_l2(node, ok=True)
+    tree.finish_ticket(node, ticket, ok=True)
     tree.unlock(node)
     tree.evict_l1(4)
     m = tree.match(None, seq(1, 2, 3, 4, 5))
@@ -159,8 +158,9 @@ def test_failed_host_write_rolls_back():
     a = seq(1, 2, 3, 4)
     node = tree.insert(None, a, pool.alloc(None, a)).node
     slots = host.alloc(None, a)
-    tree.attach_l2(node, slots, Ticket())
-    tree.finish_l2(node, ok=False)
+    ticket = Ticket()
+    tree.attach_l2(node, slots, ticket)
+    tree.finish_ticket(node, ticket, ok=False)
     assert node.l2 is None and tree.l2_tokens == 0 and set(slots) <= host.freed
     tree.check_invariants()
 
