@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, NewType
 
@@ -101,6 +101,24 @@ class PageStore(ABC):
         ``refresh_ttl``; with ``None`` (absolute TTL) expiries are untouched. May block on
         IO; called from transfer worker threads. Raises ``StoreUnavailable``.
         """
+
+    def get_many_into(
+        self,
+        keys: Sequence[StoreKey],
+        buffers: MutableSequence[bytearray],
+        refresh_ttl: float | None = None,
+    ) -> list[memoryview | None]:
+        """:meth:`get_many`, reading into caller-owned buffers where the store can.
+
+        ``buffers`` belongs to the caller and is kept across calls (one per worker
+        thread): a store that reads into memory it is given (files) uses
+        ``buffers[i]`` for the i-th key, growing the list or replacing an entry that is
+        too small, so a steady stream of loads touches the same warm memory instead of
+        faulting in a fresh buffer per page. A returned view may alias ``buffers`` and
+        is valid until the next call with the same list. The default copies nothing and
+        returns views of :meth:`get_many`'s blobs.
+        """
+        return [None if b is None else memoryview(b) for b in self.get_many(keys, refresh_ttl)]
 
     @abstractmethod
     def exists_many(self, keys: Sequence[StoreKey]) -> list[bool]:

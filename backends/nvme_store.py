@@ -36,12 +36,14 @@ import errno
 import heapq
 import logging
 import os
+import re
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import quote, unquote
 
 from hiradix.backends.base import PageStore, StoreKey, StoreStats, check_ttl, split_key
@@ -57,6 +59,7 @@ _TMP_SUFFIX = ".tmp"
 _NEVER_NS = 0  # mtime meaning "no expiry"
 _SWEEP_PER_WRITE = 8
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(slots=True)
@@ -131,6 +134,21 @@ class NvmeStore(PageStore):
         check_ttl(refresh_ttl)
         self._check_root()
         return [self._get_one(key, refresh_ttl) for key in keys]
+
+    def get_many_into(
+        self,
+        keys: Sequence[StoreKey],
+        buffers: MutableSequence[bytearray],
+        refresh_ttl: float | None = None,
+    ) -> list[memoryview | None]:
+        check_ttl(refresh_ttl)
+        self._check_root()
+        while len(buffers) < len(keys):
+            buffers.append(bytearray())
+        return [
+            cast("memoryview | None", self._get_one(key, refresh_ttl, buffers, i))
+            for i, key in enumerate(keys)
+        ]
 
     def exists_many(self, keys: Sequence[StoreKey]) -> list[bool]:
         self._check_root()
@@ -257,42 +275,50 @@ class NvmeStore(PageStore):
             os.close(fd)
         os.utime(tmp, ns=(time.time_ns(), expiry_ns))
 
-    def _get_one(self, key: StoreKey, refresh_ttl: float | None) -> bytes | None:
+    def _get_one(
+        self,
+        key: StoreKey,
+        refresh_ttl: float | None,
+        buffers: MutableSequence[bytearray] | None = None,
+        slot: int = 0,
+    ) -> bytes | memoryview | None:
+        """One page: into a fresh ``bytes``, or into ``buffers[slot]`` (grown if needed)
+        returning a view of it."""
         path = self._path(key)
+        data: bytes | memoryview
         now = self._clock()
         now_ns = int(now * 1e9)
+        expiry_ns = 0
         try:
-            with open(path, "rb", buffering=0) as f:
-                st = os.fstat(f.fileno())
-                if _due(st.st_mtime_ns, now_ns):
-                    expired = True
-                else:
-                    expired = False
-                    # one allocation of the known size (readall() grows its buffer)
-                    data = f.read(st.st_size)
-                    if len(data) < st.st_size:  # short read: the rest, if any
-                        data += f.readall()
+            fd = os.open(path, _READ_FLAGS)
         except FileNotFoundError:
             with self._lock:
                 self._forget_locked(key)
             return None
         except OSError as exc:
             raise StoreUnavailable(f"nvme store at {self.root}: {exc}") from exc
+        try:
+            st = os.fstat(fd)
+            expired = _due(st.st_mtime_ns, now_ns)
+            if not expired:
+                if buffers is None:
+                    data = _read_bytes(fd, st.st_size)
+                else:
+                    data = _read_into(fd, st.st_size, buffers, slot)
+                expiry_ns = st.st_mtime_ns
+                if refresh_ttl is not None:  # on the inode we read, even if replaced since
+                    expiry_ns = int((now + refresh_ttl) * 1e9)
+                    os.utime(fd, ns=(time.time_ns(), expiry_ns))
+        except OSError as exc:
+            raise StoreUnavailable(f"nvme store at {self.root}: {exc}") from exc
+        finally:
+            os.close(fd)
         if expired:
             with self._lock:
                 self._forget_locked(key)
             if self._unlink_if_due(path, now_ns):
                 self.expirations += 1
             return None
-        expiry_ns = st.st_mtime_ns
-        if refresh_ttl is not None:
-            expiry_ns = int((now + refresh_ttl) * 1e9)
-            try:
-                os.utime(path, ns=(time.time_ns(), expiry_ns))
-            except FileNotFoundError:
-                pass  # deleted or replaced meanwhile: we still return what we read
-            except OSError as exc:
-                raise StoreUnavailable(f"nvme store at {self.root}: {exc}") from exc
         with self._lock:
             self._touch_locked(key, len(data), expiry_ns)
         return data
@@ -372,9 +398,7 @@ class NvmeStore(PageStore):
     def _path(self, key: StoreKey) -> str:
         namespace, page_hex = split_key(key)
         shard = (page_hex + "0000")[:4]
-        return os.path.join(
-            self.root, namespace, shard[:2], shard[2:], quote(key, safe="") + _PAGE_SUFFIX
-        )
+        return os.path.join(self.root, namespace, shard[:2], shard[2:], _quote(key) + _PAGE_SUFFIX)
 
     def _check_root(self) -> None:
         if not os.path.isdir(self.root):
@@ -434,6 +458,43 @@ class NvmeStore(PageStore):
         if not _due(st.st_mtime_ns, now_ns):
             return False
         return self._unlink(path)
+
+
+def _read_bytes(fd: int, size: int) -> bytes:
+    """The whole file (``size`` bytes as of ``fstat``) as one allocation of that size."""
+    data = os.read(fd, size)
+    while len(data) < size:  # short read: the rest, if any
+        more = os.read(fd, size - len(data))
+        if not more:
+            break  # truncated meanwhile: the codec rejects the short page
+        data += more
+    return data
+
+
+def _read_into(fd: int, size: int, buffers: MutableSequence[bytearray], slot: int) -> memoryview:
+    """The whole file into ``buffers[slot]`` (replaced by a bigger one if too small)."""
+    buf = buffers[slot]
+    if len(buf) < size:
+        buf = buffers[slot] = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.readv(fd, [view[got:size]])
+        if not n:
+            break  # truncated meanwhile: the codec rejects the short page
+        got += n
+    return view[:got]
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.~:-]*")
+
+
+def _quote(key: str) -> str:
+    """``quote(key, safe="")``; keys of letters, digits, ``_.~-`` and ``:`` (the usual
+    ``prefix:ns:page``) take a fast path: only ``:`` needs escaping."""
+    if _PLAIN_KEY.fullmatch(key):
+        return key.replace(":", "%3A")
+    return quote(key, safe="")
 
 
 def _due(mtime_ns: int, now_ns: int) -> bool:

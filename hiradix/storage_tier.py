@@ -2,7 +2,7 @@
 
 Runs on the scheduler thread and owns no threads: every store call is a job submitted to
 the transfer engine, whose completion callback comes back through ``TransferEngine.poll``.
-The store is any object with the ``PageStore`` methods (``put_many``, ``get_many``,
+The store is any object with the ``PageStore`` methods (``put_many``, ``get_many_into``,
 ``exists_many``, ``delete_many``); the core never imports the backends.
 
 Pages in the store are ``block_tokens`` long (a multiple of the tree's page size) and keyed
@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from hiradix.breaker import CircuitBreaker
@@ -39,6 +41,8 @@ from hiradix.tree import Node, RadixTree
 logger = logging.getLogger(__name__)
 
 LAYOUT = "kv_layer_token_head_dim"
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NP_INT_OF_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 _TORCH_DTYPES = {
     torch.float16: "float16",
     torch.bfloat16: "bfloat16",
@@ -57,7 +61,10 @@ class Prefetch:
     start_block: int
     submitted_at: float
     done: bool = False
-    pages: list[bytes] = field(default_factory=list)
+    #: host slots reserved for the fetched pages (``block`` per page), written by the
+    #: worker; ``ready`` leading pages of them hold verified KV once ``done``
+    slots: torch.Tensor | None = None
+    ready: int = 0
     abandoned: bool = False
 
 
@@ -118,6 +125,13 @@ class StorageTier:
         self._exists_s = 0.0
         self.bytes_per_token = slab.bytes_per_token
         self._in_flight_keys: set[bytes] = set()
+        self._scratch = threading.local()  # per worker thread: reusable read buffers
+        # numpy views of the slab (same bytes; numpy takes read-only sources and copies
+        # without the GIL), for the worker threads that fill reserved rows
+        itemsize = slab.k.element_size()
+        as_int = _INT_OF_SIZE[itemsize]
+        self._np_dtype = _NP_INT_OF_SIZE[itemsize]
+        self._slab_np = (slab.k.view(as_int).numpy(), slab.v.view(as_int).numpy())
         #: whether a lookup that finishes after its request was admitted may still add its
         #: pages (only on a single rank: with TP the tree may change only at agreed points)
         self.insert_late = True
@@ -223,9 +237,9 @@ class StorageTier:
 
         self.engine.submit_io(job, done, lane="write")
 
-    def _gather(self, page_slots: torch.Tensor) -> bytes:
+    def _gather(self, page_slots: torch.Tensor) -> np.ndarray:
         page = torch.stack((self.slab.k[:, page_slots], self.slab.v[:, page_slots]))
-        return page.contiguous().view(torch.uint8).numpy().tobytes()
+        return page.view(torch.uint8).numpy()  # stack() is contiguous: no further copy
 
     def _remember_written(self, key: bytes) -> None:
         self._written[key] = None
@@ -315,29 +329,43 @@ class StorageTier:
         keys: list[bytes],
         store_keys: list[str],
     ) -> None:
+        """Reserve host slots for the pages, then read, verify and copy them straight
+        into those slots on a worker thread (store buffer -> slab rows: one copy)."""
+        slots = self._reserve_slots(len(keys))
+        if slots is None:
+            self._finish(request_id, state)
+            return
+        keys, store_keys = keys[: len(slots) // self.block], store_keys[: len(slots) // self.block]
+        state.slots = slots
         metas = [self._meta(namespace, k) for k in keys]
         refresh = self.ttl if self.sliding else None
+        rows = [slots[i * self.block : (i + 1) * self.block] for i in range(len(keys))]
 
-        def job() -> tuple[list[bytes], int, list[str], float]:
+        def job() -> tuple[int, int, list[str], float]:
             started = time.perf_counter()
-            blobs = self.store.get_many(store_keys, refresh_ttl=refresh)
-            pages, bad = [], []
-            for store_key, meta, blob in zip(store_keys, metas, blobs):
+            buffers = getattr(self._scratch, "buffers", None)
+            if buffers is None:
+                buffers = self._scratch.buffers = []
+            blobs = self.store.get_many_into(store_keys, buffers, refresh_ttl=refresh)
+            ready, nbytes, bad = 0, 0, []
+            for store_key, meta, blob, page_rows in zip(store_keys, metas, blobs, rows):
                 if blob is None:
                     break
                 try:
-                    pages.append(decode_page(blob, meta))
+                    raw = decode_page(blob, meta)
                 except CorruptPage as exc:
                     logger.warning("hiradix: corrupt L3 page %s: %s", store_key, exc)
                     bad.append(store_key)
                     break
+                self._write_rows(raw, page_rows)
+                ready += 1
+                nbytes += len(blob)
             if bad:
                 try:
                     self.store.delete_many(bad)
                 except StoreUnavailable:
                     pass
-            nbytes = sum(len(b) for b in blobs[: len(pages)] if b)
-            return pages, nbytes, bad, time.perf_counter() - started
+            return ready, nbytes, bad, time.perf_counter() - started
 
         def done(result: Any, error: BaseException | None) -> None:
             if error is not None:
@@ -345,14 +373,44 @@ class StorageTier:
                 self._finish(request_id, state)
                 return
             self.breaker.record_success()
-            pages, nbytes, bad, seconds = result
+            ready, nbytes, bad, seconds = result
             self.cost.observe_fetch(nbytes, seconds)
             self.stats.add("l3_corrupt_pages", len(bad))
             self.stats.add("l3_get_bytes", nbytes)
-            state.pages = pages
+            state.ready = ready
             self._finish(request_id, state)
 
         self.engine.submit_io(job, done)
+
+    def _reserve_slots(self, pages: int) -> torch.Tensor | None:
+        """Host slots for up to ``pages`` pages (evicting host leaves if needed; fewer
+        pages when host memory is smaller than the run); ``None`` when none fit."""
+        need = pages * self.block
+        slots = self.slab.alloc(need)
+        if slots is None:
+            freed = self.tree.evict_l2(need - self.slab.free_slots)
+            self.stats.add("l2_evicted_tokens", freed)
+            slots = self.slab.alloc(need)
+        if slots is None:
+            fit = min(pages, self.slab.free_slots // self.block)
+            if fit == 0:
+                self.stats.add("l2_full_skips")
+                return None
+            slots = self.slab.alloc(fit * self.block)
+        return slots
+
+    def _write_rows(self, raw: bytes | memoryview, rows: torch.Tensor) -> None:
+        """Copy one verified page into its slab rows (worker thread; rows are reserved for
+        this fetch, nobody else reads or writes them until it is materialized)."""
+        page = np.frombuffer(raw, dtype=self._np_dtype).reshape(self.page_shape)
+        first, last = int(rows[0]), int(rows[-1])
+        if last - first + 1 == len(rows):  # one contiguous run: plain slices
+            self._slab_np[0][:, first : last + 1] = page[0]
+            self._slab_np[1][:, first : last + 1] = page[1]
+        else:
+            index = rows.numpy()
+            self._slab_np[0][:, index] = page[0]
+            self._slab_np[1][:, index] = page[1]
 
     def _finish(self, request_id: str, state: Prefetch) -> None:
         state.done = True
@@ -361,46 +419,45 @@ class StorageTier:
                 del self.prefetches[request_id]
             if self.insert_late:
                 self.materialize(state)
-            state.pages = []
+            else:
+                self.release(state)
 
-    def materialize(self, state: Prefetch) -> int:
-        """Copy fetched pages into host slots and record them in the tree; returns the
-        number of tokens that are new to the tree."""
-        if not state.pages:
-            return 0
-        tokens_needed = len(state.pages) * self.block
-        slots = self.slab.alloc(tokens_needed)
+    def materialize(self, state: Prefetch, pages: int | None = None) -> int:
+        """Record the first ``pages`` fetched pages (default: all that arrived) in the
+        tree, free the rest of the reserved slots; returns the number of tokens that are
+        new to the tree."""
+        take = state.ready if pages is None else max(0, min(pages, state.ready))
+        slots, state.slots, state.ready = state.slots, None, 0
         if slots is None:
-            freed = self.tree.evict_l2(tokens_needed - self.slab.free_slots)
-            self.stats.add("l2_evicted_tokens", freed)
-            slots = self.slab.alloc(tokens_needed)
-        if slots is None:  # host memory smaller than the run: take the leading pages that fit
-            fit = self.slab.free_slots // self.block
-            if fit == 0:
-                self.stats.add("l2_full_skips")
-                return 0
-            del state.pages[fit:]
-            tokens_needed = fit * self.block
-            slots = self.slab.alloc(tokens_needed)
-            assert slots is not None
-        for i, raw in enumerate(state.pages):
-            page = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-            page = page.view(self.slab.k.dtype).reshape(self.page_shape)
-            rows = slots[i * self.block : (i + 1) * self.block]
-            self.slab.k[:, rows] = page[0]
-            self.slab.v[:, rows] = page[1]
+            return 0
+        if take == 0:
+            self.slab.free(slots)
+            return 0
+        used = take * self.block
+        if used < len(slots):
+            self.slab.free(slots[used:])
         start = state.start_block * self.block
-        end = start + tokens_needed
-        added, unused = self.tree.insert_host(state.namespace, state.tokens[:end], start, slots)
+        added, unused = self.tree.insert_host(
+            state.namespace, state.tokens[: start + used], start, slots[:used]
+        )
         for piece in unused:
             self.slab.free(piece)
-        state.pages = []
         self.stats.add("l3_to_l2_tokens", added)
         return added
 
+    def release(self, state: Prefetch) -> None:
+        """Give back the host slots of a fetch nobody will use."""
+        if state.slots is not None:
+            self.slab.free(state.slots)
+        state.slots, state.ready = None, 0
+
     def forget(self, request_id: str) -> None:
         state = self.prefetches.pop(request_id, None)
-        if state is not None and not state.done:
+        if state is None:
+            return
+        if state.done:
+            self.release(state)
+        else:
             state.abandoned = True
 
     def reset(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from hiradix.codec import (
     DTYPE_SIZES,
+    FORMAT_VERSION,
     PageMeta,
     decode_page,
     encode_page,
@@ -67,6 +69,35 @@ def test_round_trip_arbitrary_bytes(
     meta = meta_for(dtype, len(data), key=key)
     blob = encode_page(data, meta, codec=codec, level=level)
     assert decode_page(blob, meta) == data
+
+
+def _as_version_1(blob: bytes) -> bytes:
+    """Rewrite a current page the way format version 1 framed it (BLAKE2b-64 digests)."""
+    header_len = int.from_bytes(blob[8:12], "little")
+    body = bytearray(blob[: header_len - 8])
+    body[4] = 1
+    codec_id = body[5]
+    payload = blob[header_len:]
+    raw = decode_page(blob, inspect_page(blob)) if codec_id else payload
+    body[28:36] = hashlib.blake2b(bytes(raw), digest_size=8).digest()
+    return bytes(body) + hashlib.blake2b(bytes(body), digest_size=8).digest() + payload
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_reads_version_1_pages(codec: str) -> None:
+    """Pages written before the switch to XXH3 still load and still verify."""
+    raw = kv_like(2048).tobytes()
+    meta = PageMeta("bfloat16", "l", (2048,), NS, KEY)
+    blob = encode_page(raw, meta, codec=codec)
+    assert blob[4] == FORMAT_VERSION == 2
+    old = _as_version_1(blob)
+    assert old[4] == 1 and old != blob
+    assert decode_page(old, meta) == raw
+    assert verify_page(old) == meta
+    flipped = bytearray(old)
+    flipped[-1] ^= 1
+    with pytest.raises(CorruptPage):
+        decode_page(bytes(flipped), meta)
 
 
 def test_accepts_numpy_and_memoryview() -> None:

@@ -166,3 +166,50 @@ def test_slow_store_is_skipped_for_recompute(tmp_path):
         assert req.prefix_len == 0  # recomputed
     assert time.monotonic() - started < 0.5  # none of them waited for the 250 ms store
     assert idle_total(cache, pools) == pools.size
+
+
+def test_host_slots_reserved_for_fetches_never_leak(store_cfg):
+    """Fetched pages go straight into host slots reserved when the fetch starts; every
+    way a fetch can end gives back what it does not hand to the tree."""
+    from array import array
+
+    cache_a, _, sched_a = server(store_cfg)
+    prompts = [[2000 + 131 * i + j for j in range(64)] for i in range(4)]
+    for i, p in enumerate(prompts):
+        sched_a.run(SimReq(f"a{i}", p))
+    settle(cache_a)
+
+    cache, pools, sched = server(store_cfg)
+    storage = cache.storage
+    storage.insert_late = False
+    ns = (None, None)
+
+    def balanced() -> bool:
+        return cache.slab.used_slots == cache.tree.l2_tokens
+
+    assert storage.prefetch("done-then-forgotten", ns, array("q", prompts[0]), 0)
+    cache.engine.drain()
+    assert storage.prefetches["done-then-forgotten"].ready == 4
+    assert cache.slab.used_slots == 64  # reserved, not yet in the tree
+    storage.forget("done-then-forgotten")
+    assert balanced() and cache.slab.used_slots == 0
+
+    assert storage.prefetch("forgotten-in-flight", ns, array("q", prompts[1]), 0)
+    storage.forget("forgotten-in-flight")
+    cache.engine.drain()
+    assert balanced() and cache.slab.used_slots == 0
+
+    storage.store = FaultyStore(storage.store, corrupt_rate=1.0)  # no page verifies
+    assert storage.prefetch("corrupt", ns, array("q", prompts[2]), 0)
+    cache.engine.drain()
+    assert storage.prefetches["corrupt"].ready == 0
+    storage.forget("corrupt")
+    assert balanced() and cache.slab.used_slots == 0
+    storage.store = storage.store.inner
+
+    req = SimReq("admitted", prompts[3])
+    assert sched.run(req) == 64 and req.storage_hit == 64
+    settle(cache)
+    assert balanced() and cache.tree.l2_tokens >= 64
+    assert idle_total(cache, pools) == pools.size
+    cache.tree.check_invariants()

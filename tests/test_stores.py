@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -25,10 +26,12 @@ import redis.cluster
 from hiradix.backends.base import PageStore, StoreKey, StoreStats, make_key, split_key
 from hiradix.backends.faults import FaultyStore
 from hiradix.backends.memory_store import MemoryStore
-from hiradix.backends.nvme_store import NvmeStore
+from hiradix.backends.nvme_store import NvmeStore, _quote
 from hiradix.backends.redis_store import RedisStore, redact_url
 from hiradix.backends.registry import create_store, register_store
 from hiradix.integration.procs import RedisCluster3, RedisServer
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hiradix.codec import PageMeta, decode_page, encode_page
 from hiradix.config import (
@@ -164,6 +167,20 @@ def test_round_trip_codec_pages(harness: Harness) -> None:
     harness.store.put_many([(k, encode_page(raw, meta, codec="zstd"))], ttl=None)
     (got,) = harness.store.get_many([k])
     assert got is not None and decode_page(got, meta) == raw
+
+
+def test_get_many_into_matches_get_many(harness: Harness) -> None:
+    """Reads into caller-owned buffers give the same bytes as get_many, misses included,
+    and a buffer list kept across calls serves a larger page after a smaller one."""
+    store = harness.store
+    items = [(key(1), blob(1, 4096)), (key(2), blob(2, 1 << 20)), (key(3), b"tiny")]
+    store.put_many(items, ttl=None)
+    buffers: list[bytearray] = []
+    got = store.get_many_into([key(3), key(9), key(1)], buffers)
+    assert [None if g is None else bytes(g) for g in got] == [b"tiny", None, items[0][1]]
+    got = store.get_many_into([key(2), key(1), key(3)], buffers)
+    assert [bytes(g) for g in got if g is not None] == [items[1][1], items[0][1], b"tiny"]
+    assert store.get_many_into([], buffers) == []
 
 
 def test_miss_exists_delete(harness: Harness) -> None:
@@ -367,6 +384,25 @@ def test_nvme_disk_full_returns_false(tmp_path: Path, monkeypatch: pytest.Monkey
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # no temp file left behind
     assert store.get_many([key(1)]) == [None]
     assert store.put_many([(key(1), b"x")], ttl=None) == [True]
+
+
+def test_nvme_reads_into_the_buffers_it_is_given(tmp_path: Path) -> None:
+    store = NvmeStore(tmp_path, 1 << 30)
+    store.put_many([(key(1), blob(1, 8192)), (key(2), blob(2, 4096))], ttl=None)
+    buffers = [bytearray(16384)]
+    first = buffers[0]
+    got = store.get_many_into([key(1), key(2)], buffers)
+    assert buffers[0] is first  # big enough: reused, not replaced
+    assert got[0] is not None and got[0].obj is first and bytes(got[0]) == blob(1, 8192)
+    assert len(buffers) == 2 and got[1] is not None and got[1].obj is buffers[1]
+    (path,) = [p for p in tmp_path.rglob("*.page") if p.stat().st_size == 4096]
+    path.write_bytes(b"short")  # changed under us (in place: expires it, a miss)
+    assert store.get_many_into([key(2)], buffers) == [None]
+
+
+@given(st.text())
+def test_nvme_file_names_quote_every_key_like_urllib(key_text: str) -> None:
+    assert _quote(key_text) == quote(key_text, safe="")
 
 
 def test_nvme_missing_root_is_unavailable(tmp_path: Path) -> None:

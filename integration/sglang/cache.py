@@ -801,13 +801,12 @@ class HiRadixCache(BasePrefixCache):
         reduce = self._reduce_min if multi else None
         if state is None:
             return True
-        ready_pages = agreed([int(ready), len(state.pages) if state.done else 0], reduce)
+        ready_pages = agreed([int(ready), state.ready if state.done else 0], reduce)
         if not ready_pages[0]:
             return False
         self.storage.prefetches.pop(handle.rid, None)
         if state.done:
-            del state.pages[ready_pages[1] :]
-            added = self.storage.materialize(state)
+            added = self.storage.materialize(state, ready_pages[1])
             if added:
                 self._l3_by_rid[handle.rid] = added
                 self._l3_to_report[handle.rid] = added
