@@ -40,7 +40,8 @@ COUNTERS = (
     ("recompute_instead_of_load", "Loads skipped because recomputing was estimated faster"),
     ("policy_events", "Events handed to the prefetch policy (arrival, finish, tick)"),
     ("policy_plans", "Plans the prefetch policy returned"),
-    ("policy_plans_skipped", "Plans not executed (over budget, or device staging)"),
+    ("policy_plans_skipped", "Plans not executed (over budget, or no free device slots)"),
+    ("policy_l1_staged_tokens", "Tokens a policy's plans brought from host to device ahead of use"),
 )
 GAUGES = (
     ("l1_tokens", "Tokens the tree holds on device"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from array import array
 
 import pytest
 from hiradix.integration.sglang.cache import HiRadixCache
@@ -10,6 +11,8 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang_sim import Scheduler, SimReq, idle_total, make_pools
 
 from hiradix.config import parse_config
+from hiradix.policies.base import Stage
+from hiradix.types import Tier
 
 pytestmark = pytest.mark.usefixtures("sglang_context")
 
@@ -229,4 +232,38 @@ def test_in_flight_demotion_protects_device_slots(fail):
         assert cache.tree.l2_tokens == 0 and cache.stats.counters["copy_failures"] > 0
     else:
         assert cache.tree.l2_tokens == 84
+    cache.tree.check_invariants()
+
+
+def test_policy_stage_to_l1_loads_the_host_run_without_evicting():
+    """A ``Stage(tier=L1)`` plan brings a host-only prefix to the device ahead of its
+    request (free device slots only); the request then matches it on the device, with
+    the right KV, and nothing needs a load-back."""
+    cache, pools, sched = make_tiered(size=256)
+    rng = random.Random(11)
+    prompts = [[rng.randrange(1000) for _ in range(60)] for _ in range(8)]
+    for i, p in enumerate(prompts):
+        sched.run(SimReq(f"a{i}", p))
+    first = array("q", prompts[0])
+    NS = (None, None)  # (extra_key, cache_salt) of a plain request
+    found = cache.tree.match(NS, first, touch=False)
+    assert found.l1_len == 0 and found.host_len == 60  # evicted to host by the later ones
+    # device full (free slots held elsewhere), prefixes evictable: staging evicts nothing
+    held = pools.allocator.alloc(pools.allocator.available_size())
+    evictable = cache.evictable_size()
+    cache._execute(Stage(NS, first, Tier.L1, 0.0, 1))
+    assert cache.stats.counters["policy_l1_staged_tokens"] == 0
+    assert cache.evictable_size() == evictable
+    pools.allocator.free(held)
+    if pools.allocator.available_size() < 60:
+        cache.evict(EvictParams(num_tokens=60 - pools.allocator.available_size()))
+    cache._execute(Stage(NS, first, Tier.L1, 0.0, 1))
+    assert cache.stats.counters["policy_l1_staged_tokens"] == 60
+    assert cache.tree.match(NS, first, touch=False).l1_len == 60
+    req = SimReq("b", prompts[0])
+    loads = cache.stats.counters["l2_to_l1_tokens"]
+    assert sched.run(req) == 60  # verify_prefix checks every staged value
+    assert cache.stats.counters["l2_to_l1_tokens"] == loads  # no load-back needed
+    assert idle_total(cache, pools) == pools.size
+    assert host_accounted(cache)
     cache.tree.check_invariants()

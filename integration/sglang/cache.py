@@ -610,11 +610,27 @@ class HiRadixCache(BasePrefixCache):
             return 0, anchor
         if any(not x.l2_ready for x in run):
             return 0, anchor
+        if not self._load_run(run, anchor):
+            return None
+        if params.req is not None:
+            rid = params.req.rid
+            self._loaded_by_rid[rid] = self._loaded_by_rid.get(rid, 0) + total
+        return total, node
+
+    def _load_run(self, run: list[Node], anchor: Node, evict: bool = True) -> bool:
+        """Copy the host-ready ``run`` (a chain hanging below the device-resident
+        ``anchor``) to new device slots and attach them. Later forwards see the KV: on CUDA
+        they wait for the copy (per layer through the load gate, else one event); on CPU
+        the copy is done on return. ``False`` when the device slots cannot be had (only
+        free slots without ``evict``)."""
+        total = sum(len(x) for x in run)
         for x in run:
             self.tree.pin_l2(x)
         try:
             allocator = self.token_to_kv_pool_allocator
             if allocator.available_size() < total:
+                if not evict:
+                    return False
                 self.tree.lock(anchor)
                 try:
                     self.evict(EvictParams(num_tokens=total - allocator.available_size()))
@@ -622,7 +638,7 @@ class HiRadixCache(BasePrefixCache):
                     self.tree.unlock(anchor)
             device_idx = allocator.alloc(total)
             if device_idx is None:
-                return None
+                return False
             host_idx = torch.cat([x.l2 for x in run]) if len(run) > 1 else run[0].l2
             handle = self.engine.load(host_idx, device_idx)
             if isinstance(handle, LayerEvents) and self.load_gate is not None:
@@ -640,10 +656,32 @@ class HiRadixCache(BasePrefixCache):
                 self.tree.unpin_l2(x)
         self.stats.add("l2_to_l1_tokens", total)
         self.stats.add("h2d_bytes", total * self.slab.bytes_per_token)
-        if params.req is not None:
-            rid = params.req.rid
-            self._loaded_by_rid[rid] = self._loaded_by_rid.get(rid, 0) + total
-        return total, node
+        return True
+
+    def _stage_l1(self, namespace: Hashable, tokens: array) -> None:
+        """A policy's ``Stage(tier=L1)``: bring the host-ready run of the path that
+        follows its device-resident part up now, using only free device slots (a guess
+        about the future never evicts what is on the device); what is still in L3 is
+        staged into host memory and comes up at admission (load-back)."""
+        found = self.tree.match(namespace, tokens, touch=False)
+        run: list[Node] = []
+        cur = found.host_node
+        while cur is not found.l1_node:  # the host-only run, deepest first
+            run.append(cur)
+            cur = cur.parent
+        run.reverse()
+        ready: list[Node] = []
+        for x in run:
+            if not x.l2_ready:
+                break
+            ready.append(x)
+        if self.slab is None or not ready:
+            return
+        if self._load_run(ready, found.l1_node, evict=False):
+            self.tree.match(namespace, tokens, touch=True)  # staged for use: as recent as a use
+            self.stats.add("policy_l1_staged_tokens", sum(len(x) for x in ready))
+        else:
+            self.stats.add("policy_plans_skipped")
 
     def release_aborted_request(self, handle: Any) -> None:
         rid = getattr(handle, "rid", None)
@@ -735,13 +773,16 @@ class HiRadixCache(BasePrefixCache):
             ):
                 take = max(take, len(plan.tokens) - local)
                 self.stats.add("policy_plans")
+                if plan.tier is Tier.L1:  # its host run goes up while it waits to be scheduled
+                    self._stage_l1(namespace, array("q", plan.tokens))
             else:
                 self._execute(plan)
         return take
 
     def _execute(self, plan: Any) -> None:
         """Carry out a plan about some path: stage it from L3 into host memory in the
-        background (bounded), or let it go cold. Device staging is left to load-back."""
+        background (bounded) and, for ``tier=L1``, its host-ready run onto the device
+        (free device slots only); or let it go cold."""
         self.stats.add("policy_plans")
         tokens = array("q", plan.tokens)
         if isinstance(plan, Cold):
@@ -749,8 +790,12 @@ class HiRadixCache(BasePrefixCache):
             if found.host_len or found.l1_len:
                 self.tree.set_cold(found.host_node)  # first in line for eviction
             return
-        if not isinstance(plan, Stage) or plan.tier is not Tier.L2 or self.storage is None:
+        if not isinstance(plan, Stage):
             self.stats.add("policy_plans_skipped")
+            return
+        if plan.tier is Tier.L1:
+            self._stage_l1(plan.namespace, tokens)
+        if self.storage is None:
             return
         if len(self.storage.prefetches) >= MAX_BACKGROUND_PREFETCH:
             self.stats.add("policy_plans_skipped")
