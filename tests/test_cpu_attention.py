@@ -20,16 +20,16 @@ def _batch(prefixes: list[int], news: list[int], heads: int, kv_heads: int, dim:
         req_to_token[i, :t] = perm[at : at + t]
         at += t
     query = torch.randn(sum(news), heads, dim)
-    return dict(
-        query=query,
-        k_cache=k_cache,
-        v_cache=v_cache,
-        req_to_token=req_to_token,
-        req_pool_indices=torch.arange(len(totals)),
-        seq_lens=torch.tensor(totals),
-        extend_prefix_lens=torch.tensor(prefixes),
-        extend_seq_lens=torch.tensor(news),
-    )
+    return {
+        "query": query,
+        "k_cache": k_cache,
+        "v_cache": v_cache,
+        "req_to_token": req_to_token,
+        "req_pool_indices": torch.arange(len(totals)),
+        "seq_lens": torch.tensor(totals),
+        "extend_prefix_lens": torch.tensor(prefixes),
+        "extend_seq_lens": torch.tensor(news),
+    }
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -39,7 +39,7 @@ def test_same_attention_as_sglang(causal: bool, heads: int, kv_heads: int) -> No
 
     original = TorchNativeAttnBackend._run_sdpa_forward_extend
     args = _batch([0, 37, 120, 5], [9, 1, 30, 64], heads, kv_heads)
-    common = dict(scaling=0.25, enable_gqa=heads != kv_heads, causal=causal)
+    common = {"scaling": 0.25, "enable_gqa": heads != kv_heads, "causal": causal}
     q = args.pop("query")
     want = original(None, q, torch.zeros_like(q), *args.values(), **common)
     got = cpu_attention.extend_new_queries(
