@@ -561,7 +561,7 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
         rows = [*results[name]["per_round"], {"round": ">=2", **results[name]["rounds_ge2"],
                                                **results[name].get("tiers_all_rounds", {})}]  # fmt: skip
         for row in rows:
-            l1 = row.get("l1_share", row["cached_share"] if name == "baseline" else None)
+            l1 = row.get("l1_share", row.get("cached_share") if name == "baseline" else None)
             print(f"{name:14} {row['round']!s:>3} {row.get('requests', 0):3d} {fmt(row.get('prompt_tokens_mean'), '.0f'):>7} "
                   f"{fmt(row.get('ttft_p50_s'), '.3f'):>9} {fmt(row.get('ttft_p90_s'), '.3f'):>9} "
                   f"{fmt(row.get('latency_p50_s')):>8} {fmt(row.get('latency_mean_s')):>8} {fmt(row.get('throughput_rps')):>6} "
@@ -633,11 +633,15 @@ def machine() -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, required=True, help="where to write results")
-    p.add_argument("--num-clients", type=int, default=8)
+    p.add_argument("--num-clients", type=int, default=16)
     p.add_argument("--num-rounds", type=int, default=4)
     p.add_argument("--request-length", type=int, default=1536, help="tokens of each new user turn")
     p.add_argument(
-        "--output-length", type=int, default=32, help="greedy tokens generated per request"
+        "--output-length",
+        type=int,
+        default=8,
+        help="greedy tokens per request (8: a CPU decode step takes ~50 ms here, so 8 tokens "
+        "keep decode:prefill time near a GPU's for 32-64 tokens)",
     )
     p.add_argument(
         "--shared-system-prompt",
@@ -649,7 +653,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--request-rate", type=float, default=4.0, help="mean requests per second (0: no gaps)"
     )
     p.add_argument("--distribution", choices=("poisson", "uniform"), default="poisson")
-    p.add_argument("--max-parallel", type=int, default=8, help="requests in flight at most")
+    p.add_argument("--max-parallel", type=int, default=16, help="requests in flight at most")
     p.add_argument("--ready-queue-policy", choices=("random", "fifo"), default="random")
     p.add_argument("--round-barrier", action=argparse.BooleanOptionalAction, default=True,
                    help="wait for every client's round before the next (per-round tier counters)")  # fmt: skip

@@ -235,10 +235,10 @@ def test_in_flight_demotion_protects_device_slots(fail):
     cache.tree.check_invariants()
 
 
-def test_policy_stage_to_l1_loads_the_host_run_without_evicting():
+def test_policy_stage_to_l1_loads_the_host_run_ahead_of_its_request():
     """A ``Stage(tier=L1)`` plan brings a host-only prefix to the device ahead of its
-    request (free device slots only); the request then matches it on the device, with
-    the right KV, and nothing needs a load-back."""
+    request, evicting unlocked device leaves for room but never a locked one; the request
+    then matches it on the device, with the right KV, and needs no load-back."""
     cache, pools, sched = make_tiered(size=256)
     rng = random.Random(11)
     prompts = [[rng.randrange(1000) for _ in range(60)] for _ in range(8)]
@@ -248,18 +248,16 @@ def test_policy_stage_to_l1_loads_the_host_run_without_evicting():
     NS = (None, None)  # (extra_key, cache_salt) of a plain request
     found = cache.tree.match(NS, first, touch=False)
     assert found.l1_len == 0 and found.host_len == 60  # evicted to host by the later ones
-    # device full (free slots held elsewhere), prefixes evictable: staging evicts nothing
-    held = pools.allocator.alloc(pools.allocator.available_size())
-    evictable = cache.evictable_size()
-    cache._execute(Stage(NS, first, Tier.L1, 0.0, 1))
-    assert cache.stats.counters["policy_l1_staged_tokens"] == 0
-    assert cache.evictable_size() == evictable
-    pools.allocator.free(held)
-    if pools.allocator.available_size() < 60:
-        cache.evict(EvictParams(num_tokens=60 - pools.allocator.available_size()))
+    running = SimReq("running", prompts[-1])
+    sched.arrive(running)
+    sched.admit(running)  # holds its prefix locked on the device
+    spare = pools.allocator.alloc(pools.allocator.available_size())  # no free slot left
     cache._execute(Stage(NS, first, Tier.L1, 0.0, 1))
     assert cache.stats.counters["policy_l1_staged_tokens"] == 60
     assert cache.tree.match(NS, first, touch=False).l1_len == 60
+    sched.verify_prefix(running)  # its locked KV did not move
+    pools.allocator.free(spare)
+    sched.release(running)
     req = SimReq("b", prompts[0])
     loads = cache.stats.counters["l2_to_l1_tokens"]
     assert sched.run(req) == 60  # verify_prefix checks every staged value

@@ -535,8 +535,12 @@ class PatternPolicy(_Staging):
         cold_min_blocks: int = 32,
         max_prefixes: int = 100000,
         max_blocks: int = 400000,
+        arrival_l1: bool = False,
     ) -> None:
         self._staging_options(block_tokens, lead_s, l1_lead_s, l2_budget, l1_budget, ema)
+        if not isinstance(arrival_l1, bool):
+            raise ValueError(f"prefetch.options.arrival_l1: {arrival_l1!r}; allowed: true, false")
+        self.arrival_l1 = arrival_l1
         self.horizon = _positive(horizon_s, "horizon_s")
         self.readahead = _count(readahead_tokens, "readahead_tokens", 0)
         self.cold_min = _count(cold_min_tokens, "cold_min_tokens", 0)
@@ -616,7 +620,14 @@ class PatternPolicy(_Staging):
             self._record(event.namespace, event.key, shared, previous, event.now)
         added = len(event.key) - shared * self.block
         self._requests[event.request_id] = (int(shared > 0), added)
-        return stage_l3_run(event, chunk_tokens=self.readahead, priority=2)
+        plans = stage_l3_run(event, chunk_tokens=self.readahead, priority=2)
+        matched = event.matched
+        if self.arrival_l1 and matched.l2_tokens + matched.l3_tokens > 0:
+            # last: after the read-ahead chunks, so the L3 run still lands front first
+            last = min((p.priority for p in plans if isinstance(p, Stage)), default=2)
+            path = event.key.prefix(min(matched.total, len(event.key)))
+            plans.append(Stage(event.namespace, path, Tier.L1, event.now, last - 1))
+        return plans
 
     def on_finish(self, event: FinishEvent) -> Sequence[Plan]:
         kind, added = self._requests.pop(event.request_id, (0, len(event.path)))

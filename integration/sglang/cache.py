@@ -617,20 +617,17 @@ class HiRadixCache(BasePrefixCache):
             self._loaded_by_rid[rid] = self._loaded_by_rid.get(rid, 0) + total
         return total, node
 
-    def _load_run(self, run: list[Node], anchor: Node, evict: bool = True) -> bool:
+    def _load_run(self, run: list[Node], anchor: Node) -> bool:
         """Copy the host-ready ``run`` (a chain hanging below the device-resident
         ``anchor``) to new device slots and attach them. Later forwards see the KV: on CUDA
         they wait for the copy (per layer through the load gate, else one event); on CPU
-        the copy is done on return. ``False`` when the device slots cannot be had (only
-        free slots without ``evict``)."""
+        the copy is done on return. ``False`` when the device slots cannot be had."""
         total = sum(len(x) for x in run)
         for x in run:
             self.tree.pin_l2(x)
         try:
             allocator = self.token_to_kv_pool_allocator
             if allocator.available_size() < total:
-                if not evict:
-                    return False
                 self.tree.lock(anchor)
                 try:
                     self.evict(EvictParams(num_tokens=total - allocator.available_size()))
@@ -660,9 +657,10 @@ class HiRadixCache(BasePrefixCache):
 
     def _stage_l1(self, namespace: Hashable, tokens: array) -> None:
         """A policy's ``Stage(tier=L1)``: bring the host-ready run of the path that
-        follows its device-resident part up now, using only free device slots (a guess
-        about the future never evicts what is on the device); what is still in L3 is
-        staged into host memory and comes up at admission (load-back)."""
+        follows its device-resident part up now, evicting unlocked device leaves for room
+        as a load-back would (locked nodes never move; the policy bounds how much it
+        stages); what is still in L3 is staged into host memory and comes up at
+        admission (load-back)."""
         found = self.tree.match(namespace, tokens, touch=False)
         run: list[Node] = []
         cur = found.host_node
@@ -677,7 +675,7 @@ class HiRadixCache(BasePrefixCache):
             ready.append(x)
         if self.slab is None or not ready:
             return
-        if self._load_run(ready, found.l1_node, evict=False):
+        if self._load_run(ready, found.l1_node):
             self.tree.match(namespace, tokens, touch=True)  # staged for use: as recent as a use
             self.stats.add("policy_l1_staged_tokens", sum(len(x) for x in ready))
         else:

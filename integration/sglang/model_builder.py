@@ -14,16 +14,18 @@ Presets (see ``PRESETS``; shapes are Llama, rope theta 10000, SiLU MLP):
 preset    hidden  layers  heads  kv heads  head dim  vocab  dtype     KV bytes/token
 ========  ======  ======  =====  ========  ========  =====  ========  ==============
 tiny      64      2       4      2         16        1024   float32   512
-bench     768     4       12     4         64        4096   bfloat16  4096
+bench     768     4       4      4         64        4096   bfloat16  4096
 ========  ======  ======  =====  ========  ========  =====  ========  ==============
 
 ``tiny`` (0.2 M parameters) starts fast and gives deterministic greedy outputs (float32
 end to end). ``bench`` is sized so that a 4096-token prefill takes about one second on
 the project's 2-core CPU machine (sglang 0.5.23, ``torch_native`` attention, bfloat16
-on an AMX-capable Xeon; 6 layers measured 1.5-1.7 s, so 4 layers). Note that sglang's
-CPU ``torch_native`` extend attention pads the query to the full sequence, so a fully
-cached 4096-token prompt still costs about a third of a cold prefill (the attention);
-only the linear layers are saved.
+on an AMX-capable Xeon), with 4 attention heads of 64 (q width 256 < hidden 768) and an
+MLP of 4096: attention is about 13% of the FLOPs of a 6K-token prefill, as in a
+production model (Llama-3-8B: about 10%), so the cost of a prompt follows its uncached
+tokens the way it does on a GPU. (The first version had 12 heads and an MLP of 2048:
+attention was over 40% of a 6K prefill, and a 75%-cached prompt still cost half of a
+cold one.)
 
 The checkpoint dtype is the intended serving dtype: ``SGLangServer`` passes it as
 ``--dtype`` because sglang's ``--dtype auto`` downcasts a float32 checkpoint to float16.
@@ -71,10 +73,11 @@ class ModelPreset:
     vocab_size: int
     max_position_embeddings: int = 8192
     dtype: str = "float32"
+    attention_head_dim: int = 0  # 0: hidden_size // num_heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attention_head_dim or self.hidden_size // self.num_heads
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -83,11 +86,14 @@ PRESETS: dict[str, ModelPreset] = {
         hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
         intermediate_size=128, vocab_size=1024,
     ),
-    # About 28 M parameters in bfloat16 (AMX on this CPU makes bf16 ~2.5x faster than
-    # float32 here): a 4096-token prefill takes about 1 s on 2 CPU cores.
+    # About 45 M parameters in bfloat16 (AMX on this CPU makes bf16 ~2.5x faster than
+    # float32 here): a 4096-token prefill takes about 1 s on 2 CPU cores. Few, narrow
+    # attention heads and a wide MLP give it the FLOP mix of a production model:
+    # attention is ~13% of a 6K-token prefill (Llama-3-8B: ~10%), so the cost of a
+    # prompt follows its uncached tokens, as on a GPU.
     "bench": ModelPreset(
-        hidden_size=768, num_layers=4, num_heads=12, num_kv_heads=4,
-        intermediate_size=2048, vocab_size=4096, dtype="bfloat16",
+        hidden_size=768, num_layers=4, num_heads=4, num_kv_heads=4,
+        intermediate_size=4096, vocab_size=4096, dtype="bfloat16", attention_head_dim=64,
     ),
 }  # fmt: skip
 
