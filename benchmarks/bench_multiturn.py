@@ -21,6 +21,7 @@ Servers, started one at a time by this script on this machine, same model, same 
 * ``hiradix_nvme``  ``--enable-hiradix``: L1 + L2 host memory + NVMe L3 in a temp dir
 * ``hiradix_redis`` ``--enable-hiradix``: L1 + L2 host memory + Redis L3 (a redis-server
   that this script starts on a free port and stops)
+* ``hiradix_host``  (only when named in ``--servers``) L1 + L2, no L3: isolates the store
 
 TTFT is measured by the client: ``"stream": true`` on ``/generate``, time to the first
 chunk that carries an output token. Latency is the time to ``[DONE]``. Throughput of a
@@ -84,8 +85,8 @@ from hiradix.integration.sglang.testbed import SGLangServer
 
 logger = logging.getLogger(__name__)
 
-SERVERS = ("baseline", "hiradix_nvme", "hiradix_redis")
-HIRADIX = ("hiradix_nvme", "hiradix_redis")
+SERVERS = ("baseline", "hiradix_host", "hiradix_nvme", "hiradix_redis")
+HIRADIX = ("hiradix_host", "hiradix_nvme", "hiradix_redis")
 TIER_COUNTERS = ("prompt_tokens", "l1_hit_tokens", "l2_hit_tokens", "l3_hit_tokens")
 MIB = 1 << 20
 NOISY_OTHER_CORES = 0.25  # other jobs' average cores above which a run is flagged
@@ -373,11 +374,13 @@ class CpuMeter:
 def hiradix_config(
     args: argparse.Namespace, store: str, tmp: Path, redis_url: str | None, host_bytes: int
 ) -> Path:
-    if store == "nvme":
+    if store == "host":
+        l3 = "kind: none"
+    elif store == "nvme":
         l3 = f"kind: nvme, block_tokens: {args.block_tokens}, nvme: {{path: '{tmp / 'pages'}', size: 16GiB}}"
     else:
         l3 = f"kind: redis, block_tokens: {args.block_tokens}, redis: {{url: '{redis_url}'}}"
-    text = f"host: {{size: {host_bytes}}}\nstore: {{{l3}}}\nprefetch: {{wait: timeout}}\n"
+    text = f"host: {{size: {host_bytes}}}\nstore: {{{l3}}}\nprefetch: {{wait: {args.wait}}}\n"
     path = tmp / f"hiradix-{store}.yaml"
     path.write_text(text)
     return path
@@ -670,7 +673,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-tokens", type=int, default=64, help="hiradix store.block_tokens")
     p.add_argument("--host-size", default="auto",
                    help="hiradix host.size in bytes; auto: max(4 x L1, 1.25 x working set)")  # fmt: skip
-    p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    p.add_argument("--servers", nargs="+", choices=SERVERS,
+                   default=["baseline", "hiradix_nvme", "hiradix_redis"])  # fmt: skip
+    p.add_argument("--wait", choices=("best_effort", "wait_complete", "timeout"),
+                   default="timeout", help="hiradix prefetch.wait")  # fmt: skip
     p.add_argument("--preset", default="bench", help="model preset of build_tiny_model")
     p.add_argument(
         "--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "hiradix-bench-model"

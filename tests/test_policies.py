@@ -161,8 +161,17 @@ def test_pattern_reads_long_context_ahead_in_order() -> None:
     policy = create_policy(config("pattern", readahead_tokens=1024))
     doc = path(*range(1, 9))
     plans = stages(policy.on_arrival(arrival(0.0, doc, run=TierRun(0, 0, 4096))))
-    assert [len(p.tokens) for p in plans] == [1024, 2048, 3072, 4096]
-    assert [p.priority for p in plans] == sorted((p.priority for p in plans), reverse=True)
+    reads = [p for p in plans if p.tier is Tier.L2]
+    assert [len(p.tokens) for p in reads] == [1024, 2048, 3072, 4096]
+    assert [p.priority for p in reads] == sorted((p.priority for p in reads), reverse=True)
+    # then the whole cached prefix to the device while the request waits, after the reads
+    assert plans[-1].tier is Tier.L1 and len(plans[-1].tokens) == 4096
+    assert plans[-1].priority < min(p.priority for p in reads)
+    quiet = create_policy(config("pattern", readahead_tokens=1024, arrival_l1=False))
+    plans = stages(quiet.on_arrival(arrival(0.0, doc, run=TierRun(0, 0, 4096))))
+    assert all(p.tier is Tier.L2 for p in plans)
+    with pytest.raises(ValueError, match="arrival_l1"):
+        create_policy(config("pattern", arrival_l1="yes"))
 
 
 # --------------------------------------------------------------------------- contract

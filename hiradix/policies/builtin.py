@@ -508,13 +508,18 @@ class PatternPolicy(_Staging):
     When a finished request's kind is reused less than ``cold_below`` (learned over at
     least ``cold_min_blocks`` blocks) and it added at least ``cold_min_tokens``, its
     path is marked cold: it leaves L1 and L2 before shared prefixes do (its L3 copy
-    stays). Arrivals read their L3 run ahead in order, in chunks of ``readahead_tokens``.
+    stays). Arrivals read their L3 run ahead in order, in chunks of ``readahead_tokens``,
+    and with ``arrival_l1`` their whole cached prefix is staged to the device while they
+    wait to be scheduled (the host -> device copy overlaps the queue instead of the
+    prefill; the engine never evicts a locked node for it).
 
     Options (defaults): ``block_tokens`` (512); ``horizon_s`` (600.0); ``lead_s``
-    (5.0); ``l1_lead_s`` (0.0 = never); ``l2_budget`` (0.05); ``l1_budget`` (0.01);
+    (120.0); ``l1_lead_s`` (0.0 = never); ``l2_budget`` (0.1); ``l1_budget`` (0.01);
     ``ema`` (0.5); ``readahead_tokens`` (8192, 0 = one plan); ``cold_min_tokens``
     (4096); ``cold_below`` (0.2); ``cold_min_blocks`` (32); ``max_prefixes`` (100000,
-    shared prefixes tracked); ``max_blocks`` (400000, block keys remembered).
+    shared prefixes tracked); ``max_blocks`` (400000, block keys remembered);
+    ``arrival_l1`` (true). The defaults were chosen on the Mooncake trace with the 70B
+    profile (README, "Trace simulation").
     """
 
     name = "pattern"
@@ -524,9 +529,9 @@ class PatternPolicy(_Staging):
         *,
         block_tokens: int = 512,
         horizon_s: float = 600.0,
-        lead_s: float = 5.0,
+        lead_s: float = 120.0,
         l1_lead_s: float = 0.0,
-        l2_budget: float = 0.05,
+        l2_budget: float = 0.1,
         l1_budget: float = 0.01,
         ema: float = 0.5,
         readahead_tokens: int = 8192,
@@ -535,7 +540,7 @@ class PatternPolicy(_Staging):
         cold_min_blocks: int = 32,
         max_prefixes: int = 100000,
         max_blocks: int = 400000,
-        arrival_l1: bool = False,
+        arrival_l1: bool = True,
     ) -> None:
         self._staging_options(block_tokens, lead_s, l1_lead_s, l2_budget, l1_budget, ema)
         if not isinstance(arrival_l1, bool):

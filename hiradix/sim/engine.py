@@ -341,7 +341,7 @@ class Simulator:
         run = request.arrival_run
         record = request.record
         record.deep = run.l2_tokens + run.l3_tokens
-        record.ready = max(0, min(run.total, where.ready_len) - run.l1_tokens)
+        record.ready = max(0, min(run.total, self.tiers.landed_len(where.match)) - run.l1_tokens)
         request.considered_at = self.now
         if self.settings.wait is not WaitMode.BEST_EFFORT and self.settings.l3_kind is not None:
             return self._wait_for_l3(request, where)

@@ -290,6 +290,20 @@ class Tiers:
                 out.append((node, 0.0))
         return out
 
+    def landed_len(self, found: Any) -> int:
+        """Tokens of a match whose KV has landed in L1 or L2 by now: a node given device
+        slots ahead of its copy counts only once the copy is done, or if its host copy is
+        ready (a node still on its way from L3 does not count)."""
+        now = self.clock()
+        landed = 0
+        for node in self.tree.path(found.host_node):
+            on_device = node.l1 is not None and self.l1_ready.get(node.id, 0.0) <= now
+            in_host = node.l2 is not None and node.l2_ready
+            if not (on_device or in_host):
+                break
+            landed += len(node)
+        return min(landed, found.total_len)
+
     def l1_wait(self, node: Node) -> float:
         """Latest completion of device loads still landing on the path to ``node``."""
         latest = 0.0
