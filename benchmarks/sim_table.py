@@ -63,14 +63,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     data: dict[str, Any] = {"trace": args.trace, "profile": args.profile, "by_lanes": {}}
     md = [
         f"# hiradix sim: {args.profile} on the Mooncake synthetic trace\n",
-        f"Embedded default config (store nvme, wait {config.prefetch.wait.value}, LRU, "
-        f"{config.write_policy.value}); page 64; L1 = 5% and L2 = 25% of the trace's "
-        f"{distinct / 1e6:.1f}M distinct tokens; L3 unbounded. 'lanes' = prefill "
-        "instances sharing one tree. ready@sched: share of the L2/L3 hit tokens found at "
-        "arrival whose KV had landed in L1/L2 when the request was first considered. "
-        "Hit columns are by tier at the time a request starts (a prefix staged to the "
-        "device while the request waited counts as L1). Produced by "
-        "`benchmarks/sim_table.py`.\n",
+        (
+            f"Embedded default config (store nvme, wait {config.prefetch.wait.value}, LRU, "
+            f"{config.write_policy.value}); page 64; L1 = 5% and L2 = 25% of the trace's "
+            f"{distinct / 1e6:.1f}M distinct tokens; L3 unbounded. 'lanes' = prefill "
+            "instances sharing one tree. ready@sched: share of the L2/L3 hit tokens found at "
+            "arrival whose KV had landed in L1/L2 when the request was first considered. "
+            "Hit columns are by tier at the time a request starts (a prefix staged to the "
+            "device while the request waited counts as L1). Produced by "
+            "`benchmarks/sim_table.py`.\n"
+        ),
     ]
     for lanes in args.lanes:
         options = SimOptions(args.profile, l1_tokens=l1, l2_tokens=l2, lanes=lanes)

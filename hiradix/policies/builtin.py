@@ -544,7 +544,8 @@ class PatternPolicy(_Staging):
     ) -> None:
         self._staging_options(block_tokens, lead_s, l1_lead_s, l2_budget, l1_budget, ema)
         if not isinstance(arrival_l1, bool):
-            raise ValueError(f"prefetch.options.arrival_l1: {arrival_l1!r}; allowed: true, false")
+            # a config error like every other option's (ValueError names key and value)
+            raise ValueError(f"prefetch.options.arrival_l1: {arrival_l1!r}; allowed: true, false")  # noqa: TRY004
         self.arrival_l1 = arrival_l1
         self.horizon = _positive(horizon_s, "horizon_s")
         self.readahead = _count(readahead_tokens, "readahead_tokens", 0)
