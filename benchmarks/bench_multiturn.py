@@ -32,9 +32,9 @@ history, no shared prefix), so no cache can help and the ratios measure hiradix'
 overhead (goal: TTFT and throughput within 5% of the default cache).
 
 Model: ``build_tiny_model(dir, preset="bench")`` (random weights, built once): Llama,
-hidden 768, 4 layers, 12 heads, 4 KV heads, head dim 64, vocab 4096, bfloat16, about
-28 M parameters; KV bytes per token = 2 (K, V) x 4 layers x 4 KV heads x 64 x 2 B = 4096
-(``kv_bytes_per_token("bench")``). A 4K-token prefill takes about 1 s on an idle 2-core
+hidden 768, 4 layers, 4 heads and 4 KV heads of 64, MLP 4096, vocab 4096, bfloat16,
+about 45 M parameters; KV bytes per token = 2 (K, V) x 4 layers x 4 KV heads x 64 x 2 B =
+4096 (``kv_bytes_per_token("bench")``). A 4K-token prefill takes about 0.9 s on an idle 2-core
 AMX Xeon. SGLang's CPU attention (``torch_native``) pads every extend query to the whole
 sequence, so as shipped a fully cached prompt still costs about half of a cold one, which
 no GPU backend does. ``--attention new_queries`` (default) starts every server, the
@@ -43,7 +43,7 @@ tokens' queries (:mod:`hiradix.integration.sglang.cpu_attention`); ``--attention
 runs it as shipped. ``--calibrate`` (on by default) measures cold vs fully cached TTFT on
 the idle baseline server before the workload and reports both.
 
-Run from the repository root (about 10 minutes with the defaults on 2 cores)::
+Run from the repository root (about 4 minutes with the defaults on 2 cores)::
 
     .venv/bin/python benchmarks/bench_multiturn.py --json benchmarks/results/multiturn.json
     .venv/bin/python benchmarks/bench_multiturn.py --no-reuse --json benchmarks/results/multiturn_noreuse.json

@@ -3,7 +3,9 @@ the numbers that show the tiers working, next to SGLang's own cache with the sam
 
 The device pool (L1) is deliberately small, so that the users' conversations do not fit in
 it: with SGLang's own cache older turns are evicted and recomputed; with hiradix they come
-back from host memory (L2) or from the NVMe store (L3).
+back from host memory (L2) or from the NVMe store (L3). Both servers run the testbed's
+CPU extend attention (:mod:`hiradix.integration.sglang.cpu_attention`), which computes
+only the new tokens' queries as GPU backends do, so TTFT shows what caching saves.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def _print_table(title: str, stats: Sequence[TurnStats], base: Sequence[TurnStat
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from hiradix.integration.sglang import cpu_attention
     from hiradix.integration.sglang.model_builder import build_tiny_model
     from hiradix.integration.sglang.testbed import SGLangServer
 
@@ -120,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_path=work / f"{name}.log",
             max_total_tokens=args.l1_tokens,
             name=f"demo-{name}",
+            # both servers: CPU extend attention over new tokens only, as GPU backends do,
+            # so TTFT reflects what caching saves (see cpu_attention.py)
+            env={cpu_attention.ENV: cpu_attention.MODE},
         )
         print(f"[demo] starting SGLang ({name}); log: {server.log_path}")
         with server:
