@@ -265,3 +265,27 @@ def test_policy_stage_to_l1_loads_the_host_run_ahead_of_its_request():
     assert idle_total(cache, pools) == pools.size
     assert host_accounted(cache)
     cache.tree.check_invariants()
+
+
+def test_staging_for_waiting_requests_is_capped_at_a_quarter_of_the_pool():
+    """Prefixes staged for requests still in the queue hold at most a quarter of the
+    device pool: a deep queue cannot evict what was staged for its head."""
+    cache, pools, sched = make_tiered(size=256)  # cap: 64 tokens
+    rng = random.Random(12)
+    prompts = [[rng.randrange(1000) for _ in range(60)] for _ in range(8)]
+    for i, p in enumerate(prompts):
+        sched.run(SimReq(f"a{i}", p))
+    NS = (None, None)
+    first, second = array("q", prompts[0]), array("q", prompts[1])
+    assert cache.tree.match(NS, first, touch=False).host_len == 60
+    assert cache.tree.match(NS, second, touch=False).host_len == 60
+    cache._stage_for_request("r0", NS, first)
+    cache._stage_for_request("r1", NS, second)  # 60 + 60 > 64: skipped
+    assert cache.tree.match(NS, first, touch=False).l1_len == 60
+    assert cache.tree.match(NS, second, touch=False).l1_len == 0
+    req = SimReq("r0", prompts[0])
+    assert sched.run(req) == 60  # admitted: its staging no longer counts
+    cache._stage_for_request("r1", NS, second)
+    assert cache.tree.match(NS, second, touch=False).l1_len == 60
+    assert idle_total(cache, pools) == pools.size
+    cache.tree.check_invariants()

@@ -77,6 +77,7 @@ def ttl_rules(config: HiradixConfig) -> TtlRules:
 RETRY_LIMIT = 256  # paths waiting for host memory to drain to L3
 MAX_BACKGROUND_PREFETCH = 64  # L3 lookups in flight for policy plans and requests
 TICK_SECONDS = 1.0  # how often the prefetch policy's on_tick runs
+STAGED_FOR_S = 30.0  # a request staged for and not admitted this long no longer counts
 
 
 class HiRadixCache(BasePrefixCache):
@@ -128,6 +129,9 @@ class HiRadixCache(BasePrefixCache):
         self._pending_demote: list[Node] = []
         self._pending_save: list[Node] = []
         self._loaded_by_rid: dict[str, int] = {}
+        # device tokens staged for arriving requests not yet admitted (bounded, so that
+        # staging for a deep queue never evicts what the queue's head was staged)
+        self._staged_by_rid: dict[str, tuple[int, float]] = {}  # rid -> (tokens, when)
         self._l3_by_rid: dict[str, int] = {}
         self._l3_to_report: dict[str, int] = {}
         self.tp_group = tp_group
@@ -288,6 +292,7 @@ class HiRadixCache(BasePrefixCache):
         self._pending_demote = []
         self._pending_save = []
         self._loaded_by_rid = {}
+        self._staged_by_rid = {}
         if self.storage is not None:
             self.storage.reset()
         if self.slab is not None:
@@ -308,6 +313,8 @@ class HiRadixCache(BasePrefixCache):
             return self._empty_match()
         if self.engine.in_flight:
             self.engine.poll()
+        if self._staged_by_rid and params.req is not None:
+            self._staged_by_rid.pop(params.req.rid, None)  # admitted: its staging is used
         found = self.tree.match(self._namespace(params.key), tokens)
         return MatchResult(
             device_prefix_len=found.l1_len,
@@ -655,7 +662,23 @@ class HiRadixCache(BasePrefixCache):
         self.stats.add("h2d_bytes", total * self.slab.bytes_per_token)
         return True
 
-    def _stage_l1(self, namespace: Hashable, tokens: array) -> None:
+    def _stage_for_request(self, rid: str, namespace: Hashable, tokens: array) -> None:
+        """Stage an arriving request's prefix to the device unless the prefixes staged for
+        requests still waiting already hold a quarter of the device pool."""
+        cap = self.token_to_kv_pool_allocator.size // 4
+        now = self.clock()
+        for old in [r for r, (_, t) in self._staged_by_rid.items() if now - t > STAGED_FOR_S]:
+            del self._staged_by_rid[old]  # never admitted through match_prefix: forget it
+        pending = sum(n for n, _ in self._staged_by_rid.values())
+        found = self.tree.match(namespace, tokens, touch=False)
+        if pending + found.host_len > cap:
+            self.stats.add("policy_plans_skipped")
+            return
+        staged = self._stage_l1(namespace, tokens)
+        if staged:
+            self._staged_by_rid[rid] = (staged, now)
+
+    def _stage_l1(self, namespace: Hashable, tokens: array) -> int:
         """A policy's ``Stage(tier=L1)``: bring the host-ready run of the path that
         follows its device-resident part up now, evicting unlocked device leaves for room
         as a load-back would (locked nodes never move; the policy bounds how much it
@@ -674,16 +697,19 @@ class HiRadixCache(BasePrefixCache):
                 break
             ready.append(x)
         if self.slab is None or not ready:
-            return
-        if self._load_run(ready, found.l1_node):
-            self.tree.match(namespace, tokens, touch=True)  # staged for use: as recent as a use
-            self.stats.add("policy_l1_staged_tokens", sum(len(x) for x in ready))
-        else:
+            return 0
+        if not self._load_run(ready, found.l1_node):
             self.stats.add("policy_plans_skipped")
+            return 0
+        self.tree.match(namespace, tokens, touch=True)  # staged for use: as recent as a use
+        staged = sum(len(x) for x in ready)
+        self.stats.add("policy_l1_staged_tokens", staged)
+        return staged
 
     def release_aborted_request(self, handle: Any) -> None:
         rid = getattr(handle, "rid", None)
         self._loaded_by_rid.pop(rid, None)
+        self._staged_by_rid.pop(rid, None)
         self._l3_by_rid.pop(rid, None)
         self._l3_to_report.pop(rid, None)
         if self.storage is not None and rid is not None:
@@ -772,7 +798,7 @@ class HiRadixCache(BasePrefixCache):
                 take = max(take, len(plan.tokens) - local)
                 self.stats.add("policy_plans")
                 if plan.tier is Tier.L1:  # its host run goes up while it waits to be scheduled
-                    self._stage_l1(namespace, array("q", plan.tokens))
+                    self._stage_for_request(rid, namespace, array("q", plan.tokens))
             else:
                 self._execute(plan)
         return take
