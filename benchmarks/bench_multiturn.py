@@ -637,8 +637,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=Path, required=True, help="where to write results")
     p.add_argument("--num-clients", type=int, default=16)
-    p.add_argument("--num-rounds", type=int, default=4)
-    p.add_argument("--request-length", type=int, default=1536, help="tokens of each new user turn")
+    p.add_argument("--num-rounds", type=int, default=6)
+    p.add_argument("--request-length", type=int, default=1024, help="tokens of each new user turn")
     p.add_argument(
         "--output-length",
         type=int,
