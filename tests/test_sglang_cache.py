@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from array import array
+from types import SimpleNamespace
 
 import pytest
 from hiradix.integration.sglang.cache import HiRadixCache
@@ -289,3 +290,30 @@ def test_staging_for_waiting_requests_is_capped_at_a_quarter_of_the_pool():
     assert cache.tree.match(NS, second, touch=False).l1_len == 60
     assert idle_total(cache, pools) == pools.size
     cache.tree.check_invariants()
+
+
+def test_arrival_events_reach_the_policy_without_a_store():
+    """With a host tier and no L3 store, arrivals still reach the policy (on SGLang's
+    storage-prefetch call); `pattern` stages the request's host run to the device while it
+    waits, and those tokens count as L2 hits, not L1."""
+    cache, pools, sched = make_tiered(size=256)
+    assert cache.wants_storage_prefetch
+    rng = random.Random(13)
+    prompts = [[rng.randrange(1000) for _ in range(60)] for _ in range(8)]
+    for i, p in enumerate(prompts):
+        sched.run(SimReq(f"a{i}", p))
+    before = dict(cache.stats.counters)
+    assert cache.tree.match((None, None), array("q", prompts[0]), touch=False).host_len == 60
+    # what SGLang does on arrival: match (no load-back), then the storage-prefetch call
+    assert not cache.prefetch_from_storage(
+        SimpleNamespace(rid="again"), None, [], matched_prefix_tokens=prompts[0]
+    )
+    assert cache.tree.match((None, None), array("q", prompts[0]), touch=False).l1_len == 60
+    assert sched.run(SimReq("again", prompts[0])) == 60  # verify_prefix checks the KV
+    after = cache.stats.counters
+    assert after["policy_l1_staged_tokens"] - before["policy_l1_staged_tokens"] == 60
+    assert after["l2_hit_tokens"] - before["l2_hit_tokens"] == 60
+    assert after["l1_hit_tokens"] == before["l1_hit_tokens"]
+    assert idle_total(cache, pools) == pools.size
+    quiet, _, _ = make_tiered(size=256, prefetch={"policy": "none"})
+    assert not quiet.wants_storage_prefetch

@@ -151,8 +151,12 @@ class HiRadixCache(BasePrefixCache):
 
     @property
     def wants_storage_prefetch(self) -> bool:
-        """Whether the scheduler should call the storage-prefetch hooks on arrival."""
-        return self.storage is not None
+        """Whether the scheduler should call the storage-prefetch hooks on arrival: with an
+        L3 store, and with a host tier whose prefetch policy wants arrival events (they
+        ride on the same calls; without a store nothing is looked up)."""
+        if self.storage is not None:
+            return True
+        return self.slab is not None and self.policy.name != "none"
 
     def _init_store(self, model_id: str) -> None:
         from hiradix.backends.base import make_key
@@ -313,8 +317,6 @@ class HiRadixCache(BasePrefixCache):
             return self._empty_match()
         if self.engine.in_flight:
             self.engine.poll()
-        if self._staged_by_rid and params.req is not None:
-            self._staged_by_rid.pop(params.req.rid, None)  # admitted: its staging is used
         found = self.tree.match(self._namespace(params.key), tokens)
         return MatchResult(
             device_prefix_len=found.l1_len,
@@ -394,6 +396,9 @@ class HiRadixCache(BasePrefixCache):
     def _count_admission(self, req: Req) -> None:
         """Per-tier hit accounting, once per request at its first checkpoint."""
         loaded = self._loaded_by_rid.pop(req.rid, 0)
+        staged = self._staged_by_rid.pop(req.rid, None)  # admitted: its staging is used
+        if staged is not None:  # brought up from host memory for it while it waited
+            loaded = min(req.prefix_len, loaded + staged[0])
         from_l3 = min(loaded, self._l3_by_rid.pop(req.rid, 0))
         self.stats.add("prompt_tokens", len(req.origin_input_ids))
         self.stats.add("l1_hit_tokens", max(0, req.prefix_len - loaded))
@@ -743,13 +748,16 @@ class HiRadixCache(BasePrefixCache):
         **kwargs: Any,
     ) -> bool:
         """Arrival: look up in L3 what follows the request's local (L1 + L2) match."""
-        if self.storage is None or self.disable:
+        if self.disable or (self.storage is None and self.slab is None):
             return False
         tokens = array("q", matched_prefix_tokens)
         tokens.extend(new_input_tokens)
         local = len(matched_prefix_tokens)
         namespace = (extra_key, cache_salt or None)
         rid = handle.rid
+        if self.storage is None:  # host tier only: the policy hears the arrival
+            self._on_arrival(rid, namespace, tokens, 0)
+            return False
 
         def decide(present_tokens: int) -> int:
             return self._on_arrival(rid, namespace, tokens, present_tokens)
