@@ -22,6 +22,7 @@ Servers, started one at a time by this script on this machine, same model, same 
 * ``hiradix_redis`` ``--enable-hiradix``: L1 + L2 host memory + Redis L3 (a redis-server
   that this script starts on a free port and stops)
 * ``hiradix_host``  (only when named in ``--servers``) L1 + L2, no L3: isolates the store
+* ``hiradix_l1``    (only when named in ``--servers``) L1 only: hiradix's tree as SGLang's cache
 
 TTFT is measured by the client: ``"stream": true`` on ``/generate``, time to the first
 chunk that carries an output token. Latency is the time to ``[DONE]``. Throughput of a
@@ -85,8 +86,8 @@ from hiradix.integration.sglang.testbed import SGLangServer
 
 logger = logging.getLogger(__name__)
 
-SERVERS = ("baseline", "hiradix_host", "hiradix_nvme", "hiradix_redis")
-HIRADIX = ("hiradix_host", "hiradix_nvme", "hiradix_redis")
+SERVERS = ("baseline", "hiradix_l1", "hiradix_host", "hiradix_nvme", "hiradix_redis")
+HIRADIX = ("hiradix_l1", "hiradix_host", "hiradix_nvme", "hiradix_redis")
 TIER_COUNTERS = ("prompt_tokens", "l1_hit_tokens", "l2_hit_tokens", "l3_hit_tokens")
 MIB = 1 << 20
 NOISY_OTHER_CORES = 0.25  # other jobs' average cores above which a run is flagged
@@ -374,13 +375,14 @@ class CpuMeter:
 def hiradix_config(
     args: argparse.Namespace, store: str, tmp: Path, redis_url: str | None, host_bytes: int
 ) -> Path:
-    if store == "host":
+    if store in ("host", "l1"):
         l3 = "kind: none"
     elif store == "nvme":
         l3 = f"kind: nvme, block_tokens: {args.block_tokens}, nvme: {{path: '{tmp / 'pages'}', size: 16GiB}}"
     else:
         l3 = f"kind: redis, block_tokens: {args.block_tokens}, redis: {{url: '{redis_url}'}}"
-    text = f"host: {{size: {host_bytes}}}\nstore: {{{l3}}}\nprefetch: {{wait: {args.wait}}}\n"
+    host = 0 if store == "l1" else host_bytes
+    text = f"host: {{size: {host}}}\nstore: {{{l3}}}\nprefetch: {{wait: {args.wait}}}\n"
     path = tmp / f"hiradix-{store}.yaml"
     path.write_text(text)
     return path
