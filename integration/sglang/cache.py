@@ -673,23 +673,24 @@ class HiRadixCache(BasePrefixCache):
         cap = self.token_to_kv_pool_allocator.size // 4
         now = self.clock()
         for old in [r for r, (_, t) in self._staged_by_rid.items() if now - t > STAGED_FOR_S]:
-            del self._staged_by_rid[old]  # never admitted through match_prefix: forget it
+            del self._staged_by_rid[old]  # never admitted (no first checkpoint): forget it
         pending = sum(n for n, _ in self._staged_by_rid.values())
         found = self.tree.match(namespace, tokens, touch=False)
         if pending + found.host_len > cap:
             self.stats.add("policy_plans_skipped")
             return
-        staged = self._stage_l1(namespace, tokens)
+        staged = self._stage_l1(namespace, tokens, found)
         if staged:
             self._staged_by_rid[rid] = (staged, now)
 
-    def _stage_l1(self, namespace: Hashable, tokens: array) -> int:
+    def _stage_l1(self, namespace: Hashable, tokens: array, found: Any = None) -> int:
         """A policy's ``Stage(tier=L1)``: bring the host-ready run of the path that
         follows its device-resident part up now, evicting unlocked device leaves for room
         as a load-back would (locked nodes never move; the policy bounds how much it
         stages); what is still in L3 is staged into host memory and comes up at
-        admission (load-back)."""
-        found = self.tree.match(namespace, tokens, touch=False)
+        admission (load-back). ``found``: the path's current match, if the caller has it."""
+        if found is None:
+            found = self.tree.match(namespace, tokens, touch=False)
         run: list[Node] = []
         cur = found.host_node
         while cur is not found.l1_node:  # the host-only run, deepest first
