@@ -68,9 +68,9 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -388,10 +388,11 @@ def hiradix_config(
     return path
 
 
-def run_server(
+@contextmanager
+def serving(
     name: str, model: Path, args: argparse.Namespace, tmp: Path, host_bytes: int
-) -> dict[str, Any]:
-    """Start one server (and its Redis), run calibration and the workload, stop it."""
+) -> Iterator[tuple[SGLangServer, dict[str, Any], list[int]]]:
+    """One ready server (and its Redis): (server, result dict so far, Redis pids)."""
     with ExitStack() as stack:
         extra: list[str] = []
         config_text = None
@@ -413,9 +414,18 @@ def run_server(
         ready = server.wait_ready(timeout=300)
         print(f"\n== {name}: ready in {ready:.0f} s (log {server.log_path})", flush=True)
         result: dict[str, Any] = {"ready_s": ready, "hiradix_config": config_text}
+        redis_pids = [redis.proc.pid] if redis is not None and redis.proc is not None else []
+        yield server, result, redis_pids
+        result["log_tracebacks"] = server.log_text().count("Traceback")
+
+
+def run_server(
+    name: str, model: Path, args: argparse.Namespace, tmp: Path, host_bytes: int
+) -> dict[str, Any]:
+    """Start one server (and its Redis), run calibration and the workload, stop it."""
+    with serving(name, model, args, tmp, host_bytes) as (server, result, redis_pids):
         if args.calibrate and name == "baseline" and not args.no_reuse:
             result["calibration"] = calibrate(server, args)
-        redis_pids = [redis.proc.pid] if redis is not None and redis.proc is not None else []
         meter = CpuMeter(lambda: server.pids() + redis_pids)
         result.update(run_workload(server, args, hiradix=name != "baseline"))
         result["cpu"] = meter.stop()
@@ -424,9 +434,109 @@ def run_server(
             "other jobs {other_cores:.2f}".format(**result["cpu"]),
             flush=True,
         )
-        log = server.log_text()
-        result["log_tracebacks"] = log.count("Traceback")
-        return result
+    return result
+
+
+def set_running(server: SGLangServer, running: bool) -> None:
+    """SIGCONT / SIGSTOP a server's process tree (an idle SGLang scheduler polls its
+    queues and keeps a core busy, which would slow whichever server is serving)."""
+    import psutil
+
+    for pid in server.pids():
+        try:
+            proc = psutil.Process(pid)
+            proc.resume() if running else proc.suspend()
+        except psutil.Error:
+            continue
+
+
+def run_interleaved(
+    model: Path, args: argparse.Namespace, tmp: Path, host_bytes: int
+) -> dict[str, Any]:
+    """Closed loop with every server up at once: each request goes to every server in
+    turn (who goes first rotates) while the others are stopped, so this machine's drift
+    in speed falls on all servers alike. A server's throughput is its requests over the
+    sum of its own latencies (its busy time)."""
+    names = list(args.servers)
+    results: dict[str, Any] = {}
+    with ExitStack() as stack:
+        servers: dict[str, SGLangServer] = {}
+        for name in names:
+            server, result, _ = stack.enter_context(serving(name, model, args, tmp, host_bytes))
+            servers[name], results[name] = server, result
+            set_running(server, False)
+        stack.callback(lambda: [set_running(s, True) for s in servers.values()])
+        vocab = get_preset(args.preset).vocab_size
+        workload = Workload(args, vocab)
+        outcomes: dict[str, list[Outcome]] = {n: [] for n in names}
+        busy = dict.fromkeys(names, 0.0)
+        start_counters: dict[str, dict[str, float]] = {}
+        for name in names:
+            if name != "baseline":
+                set_running(servers[name], True)
+                start_counters[name] = servers[name].hiradix_metrics()
+                set_running(servers[name], False)
+        meter = CpuMeter(lambda: [pid for s in servers.values() for pid in s.pids()])
+        t0 = time.perf_counter()
+        jobs = [workload.first(c) for c in range(args.num_clients)]
+        step = 0
+        for rnd in range(1, args.num_rounds + 1):
+            follow: list[Job] = []
+            for job in jobs:
+                order = names[step % len(names) :] + names[: step % len(names)]
+                step += 1
+                for name in order:
+                    set_running(servers[name], True)
+                    try:
+                        ttft, lat, out, meta = stream_generate(
+                            servers[name].base_url, job.input_ids, args.output_length
+                        )
+                        outcome = Outcome(job.client, job.round, len(job.input_ids), busy[name], ttft,
+                                          lat, out, int(meta.get("cached_tokens", 0)))  # fmt: skip
+                    except Exception as err:  # noqa: BLE001 - a failed request is recorded
+                        outcome = Outcome(job.client, job.round, len(job.input_ids), busy[name],
+                                          float("nan"), 0.0, [], 0, ok=False, error=repr(err))  # fmt: skip
+                    finally:
+                        set_running(servers[name], False)
+                    busy[name] += outcome.latency
+                    outcomes[name].append(outcome)
+                lead = outcomes[names[0]][-1]
+                nxt = workload.next(lead) if lead.ok else None
+                if nxt is not None:
+                    follow.append(nxt)
+            jobs = follow
+            print(f"  round {rnd}: {len(outcomes[names[0]])} requests per server, "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+        cpu = meter.stop()
+        for name in names:
+            mine = outcomes[name]
+            rounds = [{"round": r, **summarize([o for o in mine if o.round == r])}
+                      for r in range(1, args.num_rounds + 1)]  # fmt: skip
+            results[name].update({
+                "wall_s": busy[name],
+                "per_round": rounds,
+                "rounds_ge2": summarize([o for o in mine if o.round >= 2]),
+                "all_rounds": summarize(mine),
+                "failures": [o.error for o in mine if not o.ok][:5],
+                "outputs": {f"{o.client}:{o.round}": o.output_ids for o in mine},
+                "cpu": cpu,
+            })  # fmt: skip
+            if name != "baseline":
+                set_running(servers[name], True)
+                end = settled_counters(servers[name], start_counters[name], 0)
+                set_running(servers[name], False)
+                results[name]["tiers_all_rounds"] = tier_shares(start_counters[name], end)
+        if "baseline" in outcomes:
+            base = outcomes["baseline"]
+            for name in names:
+                if name == "baseline":
+                    continue
+                pairs = [m.ttft / b.ttft for m, b in zip(outcomes[name], base, strict=True)
+                         if m.ok and b.ok and b.ttft > 0]  # fmt: skip
+                results[name]["paired_ttft_ratio_p50"] = pct(pairs, 0.5)
+                print(f"  {name}: median of per-request TTFT ratios to baseline "
+                      f"{pct(pairs, 0.5):.3f}", flush=True)  # fmt: skip
+    return results
 
 
 def calibrate(server: SGLangServer, args: argparse.Namespace) -> list[dict[str, float]]:
@@ -693,6 +803,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU extend attention of every server: new_queries computes only the "
                    "new tokens' queries, as GPU backends do (hiradix.integration.sglang."
                    "cpu_attention); sglang: torch_native as shipped (pads to the whole sequence)")  # fmt: skip
+    p.add_argument("--interleave", action="store_true",
+                   help="closed loop with every server up at once, each request sent to every "
+                   "server in turn (the others stopped): ratios free of this machine's drift")  # fmt: skip
     p.add_argument("--keep-tmp", action="store_true", help="keep server logs and stores")
     p.add_argument("--seed", type=int, default=1)
     return p.parse_args(argv)
@@ -732,8 +845,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     t0 = time.perf_counter()
     try:
-        for name in args.servers:
-            data[name] = run_server(name, model, args, tmp, host_bytes)
+        if args.interleave:
+            data.update(run_interleaved(model, args, tmp, host_bytes))
+        else:
+            for name in args.servers:
+                data[name] = run_server(name, model, args, tmp, host_bytes)
     finally:
         if not args.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -764,6 +880,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.max_parallel < 1 or args.num_clients < 1 or args.num_rounds < 1:
         raise SystemExit("--max-parallel, --num-clients and --num-rounds must be >= 1")
+    if args.interleave and (args.max_parallel != 1 or args.request_rate != 0):
+        raise SystemExit(
+            "--interleave is a closed loop: it needs --max-parallel 1 --request-rate 0"
+        )
     data = run(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")

@@ -68,9 +68,12 @@ __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
     "PageMeta",
+    "codec_name",
     "decode_page",
     "encode_page",
     "inspect_page",
+    "raw_frame",
+    "seal_raw_frame",
     "verify_page",
 ]
 
@@ -192,7 +195,7 @@ def _join_planes(planes: bytes, itemsize: int) -> bytes:
     return stacked.T[:, ::-1].tobytes()
 
 
-def _codec_name(codec: object) -> str:
+def codec_name(codec: object) -> str:
     # Accept the config's Codec enum as well as its string value.
     name = str(getattr(codec, "value", codec)).lower()
     if name not in CODECS:
@@ -207,14 +210,14 @@ def encode_page(
     level: int = 3,
 ) -> bytes:
     """Frame one page. ``raw`` must be exactly ``meta.nbytes`` long (``ValueError`` if not)."""
-    codec_name = _codec_name(codec)
+    name = codec_name(codec)
     view = _as_bytes_view(raw)
     if view.nbytes != meta.nbytes:
         raise ValueError(
             f"page has {view.nbytes} bytes but meta {meta.dtype}{list(meta.shape)} "
             f"needs {meta.nbytes}"
         )
-    if codec_name == "zstd":
+    if name == "zstd":
         payload: bytes | memoryview = _compressor(level).compress(
             _split_planes(view, meta.itemsize)
         )
@@ -222,9 +225,35 @@ def encode_page(
     else:
         payload, payload_crc = view, 0
     header = _pack_header(
-        meta, CODECS[codec_name], view.nbytes, len(payload), _checksum(view), payload_crc
+        meta, CODECS[name], view.nbytes, len(payload), _checksum(view), payload_crc
     )
     return b"".join((header, payload))
+
+
+def _header_len(meta: PageMeta) -> int:
+    return _FIXED.size + 8 * len(meta.shape) + len(meta.layout) + len(meta.page_key) + _DIGEST_BYTES
+
+
+def raw_frame(meta: PageMeta) -> tuple[np.ndarray, np.ndarray]:
+    """An unfilled uncompressed page: ``(frame, payload)``, both uint8 arrays, ``payload``
+    being the frame's last ``meta.nbytes`` bytes. Write the raw page into ``payload`` and
+    call :func:`seal_raw_frame`: the page is framed with one copy of the KV and no
+    zero-fill (what :func:`encode_page` with ``codec="none"`` returns, byte for byte)."""
+    header_len = _header_len(meta)
+    frame = np.empty(header_len + meta.nbytes, dtype=np.uint8)
+    return frame, frame[header_len:]
+
+
+def seal_raw_frame(frame: np.ndarray, meta: PageMeta) -> memoryview:
+    """Write the header of a filled :func:`raw_frame`; returns the page's bytes (a view
+    of ``frame``)."""
+    header_len = frame.nbytes - meta.nbytes
+    if header_len != _header_len(meta):
+        raise ValueError(f"frame of {frame.nbytes} bytes is not a raw frame for {meta}")
+    payload = frame[header_len:].data
+    header = _pack_header(meta, CODECS["none"], meta.nbytes, meta.nbytes, _checksum(payload), 0)
+    frame[:header_len] = np.frombuffer(header, dtype=np.uint8)
+    return frame.data
 
 
 def _pack_header(
@@ -237,7 +266,7 @@ def _pack_header(
 ) -> bytes:
     layout = meta.layout.encode("ascii")
     ndim = len(meta.shape)
-    header_len = _FIXED.size + 8 * ndim + len(layout) + len(meta.page_key) + _DIGEST_BYTES
+    header_len = _header_len(meta)
     body = b"".join(
         (
             _FIXED.pack(

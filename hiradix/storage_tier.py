@@ -31,7 +31,14 @@ import numpy as np
 import torch
 
 from hiradix.breaker import CircuitBreaker
-from hiradix.codec import PageMeta, decode_page, encode_page
+from hiradix.codec import (
+    PageMeta,
+    codec_name,
+    decode_page,
+    encode_page,
+    raw_frame,
+    seal_raw_frame,
+)
 from hiradix.cost_model import CostModel
 from hiradix.errors import CorruptPage, StoreUnavailable
 from hiradix.metrics import Stats
@@ -107,6 +114,7 @@ class StorageTier:
         self.make_key = make_key
         self.block = block_tokens
         self.codec = codec
+        self.codec_name = codec_name(codec)
         self.level = level
         self.ttl = ttl
         self.sliding = sliding
@@ -212,8 +220,7 @@ class StorageTier:
         def job() -> int:
             payload = []
             for store_key, meta, page_slots, _ in items:
-                raw = self._gather(page_slots)
-                payload.append((store_key, encode_page(raw, meta, self.codec, self.level)))
+                payload.append((store_key, self._encode(page_slots, meta)))
             stored = self.store.put_many(payload, self.ttl)
             return sum(len(blob) for (_, blob), ok in zip(payload, stored) if ok)
 
@@ -237,9 +244,21 @@ class StorageTier:
 
         self.engine.submit_io(job, done, lane="write")
 
-    def _gather(self, page_slots: torch.Tensor) -> np.ndarray:
-        page = torch.stack((self.slab.k[:, page_slots], self.slab.v[:, page_slots]))
-        return page.view(torch.uint8).numpy()  # stack() is contiguous: no further copy
+    def _encode(self, page_slots: torch.Tensor, meta: PageMeta) -> bytes | memoryview:
+        """One page of host rows, framed (worker thread; the rows are pinned). Uncompressed
+        pages are copied straight from the slab into the frame: one copy, GIL released."""
+        if self.codec_name != "none":
+            both = torch.stack((self.slab.k[:, page_slots], self.slab.v[:, page_slots]))
+            return encode_page(both.view(torch.uint8).numpy(), meta, self.codec, self.level)
+        frame, payload = raw_frame(meta)
+        halves = payload.view(self._np_dtype).reshape(self.page_shape)
+        first = _run_start(page_slots)
+        for half, rows in zip(halves, self._slab_np, strict=True):
+            if first is not None:
+                np.copyto(half, rows[:, first : first + len(page_slots)])
+            else:
+                np.take(rows, page_slots.numpy(), axis=1, out=half)
+        return seal_raw_frame(frame, meta)
 
     def _remember_written(self, key: bytes) -> None:
         self._written[key] = None
@@ -403,10 +422,10 @@ class StorageTier:
         """Copy one verified page into its slab rows (worker thread; rows are reserved for
         this fetch, nobody else reads or writes them until it is materialized)."""
         page = np.frombuffer(raw, dtype=self._np_dtype).reshape(self.page_shape)
-        first, last = int(rows[0]), int(rows[-1])
-        if last - first + 1 == len(rows):  # one contiguous run: plain slices
-            self._slab_np[0][:, first : last + 1] = page[0]
-            self._slab_np[1][:, first : last + 1] = page[1]
+        first = _run_start(rows)
+        if first is not None:  # one ascending run: plain slices
+            self._slab_np[0][:, first : first + len(rows)] = page[0]
+            self._slab_np[1][:, first : first + len(rows)] = page[1]
         else:
             index = rows.numpy()
             self._slab_np[0][:, index] = page[0]
@@ -463,6 +482,14 @@ class StorageTier:
     def reset(self) -> None:
         self.prefetches.clear()
         self._absent.clear()
+
+
+def _run_start(rows: torch.Tensor) -> int | None:
+    """The first slot if ``rows`` is one ascending run of consecutive slots, else None."""
+    first = int(rows[0])
+    if int(rows[-1]) - first + 1 != len(rows):
+        return None
+    return first if len(rows) < 3 or bool((rows.diff() == 1).all()) else None
 
 
 def wait_ready(mode: str, state: Prefetch | None, budget: float, now: float) -> bool:
