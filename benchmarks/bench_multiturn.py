@@ -23,6 +23,11 @@ Servers, started one at a time by this script on this machine, same model, same 
   that this script starts on a free port and stops)
 * ``hiradix_host``  (only when named in ``--servers``) L1 + L2, no L3: isolates the store
 * ``hiradix_l1``    (only when named in ``--servers``) L1 only: hiradix's tree as SGLang's cache
+* ``hiradix_slow``  (only when named in ``--servers``) ``hiradix_nvme`` whose store takes
+  ``--slow-store-latency`` seconds longer per call (a slow Redis, a cold disk; the
+  testbed's :mod:`hiradix.integration.sglang.slow_store`). Run with ``hiradix_host`` (same
+  L1 and L2, no store: what recomputing costs) to see the cost model at work; the script
+  then prints and writes ``slow_store_ttft_p50_over_recompute``.
 
 TTFT is measured by the client: ``"stream": true`` on ``/generate``, time to the first
 chunk that carries an output token. Latency is the time to ``[DONE]``. Throughput of a
@@ -76,7 +81,7 @@ from pathlib import Path
 from typing import Any
 
 from hiradix.integration.procs import RedisServer
-from hiradix.integration.sglang import cpu_attention
+from hiradix.integration.sglang import cpu_attention, slow_store
 from hiradix.integration.sglang.model_builder import (
     build_tiny_model,
     get_preset,
@@ -86,8 +91,15 @@ from hiradix.integration.sglang.testbed import SGLangServer
 
 logger = logging.getLogger(__name__)
 
-SERVERS = ("baseline", "hiradix_l1", "hiradix_host", "hiradix_nvme", "hiradix_redis")
-HIRADIX = ("hiradix_l1", "hiradix_host", "hiradix_nvme", "hiradix_redis")
+SERVERS = (
+    "baseline",
+    "hiradix_l1",
+    "hiradix_host",
+    "hiradix_nvme",
+    "hiradix_redis",
+    "hiradix_slow",
+)
+HIRADIX = SERVERS[1:]
 TIER_COUNTERS = ("prompt_tokens", "l1_hit_tokens", "l2_hit_tokens", "l3_hit_tokens")
 MIB = 1 << 20
 NOISY_OTHER_CORES = 0.25  # other jobs' average cores above which a run is flagged
@@ -299,6 +311,10 @@ def tier_shares(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     return shares
 
 
+def counter_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before.get(k, 0.0) for k in sorted(after)}
+
+
 def pct(values: Sequence[float], q: float) -> float:
     vals = sorted(v for v in values if not math.isnan(v))
     if not vals:
@@ -377,7 +393,7 @@ def hiradix_config(
 ) -> Path:
     if store in ("host", "l1"):
         l3 = "kind: none"
-    elif store == "nvme":
+    elif store in ("nvme", "slow"):
         l3 = f"kind: nvme, block_tokens: {args.block_tokens}, nvme: {{path: '{tmp / 'pages'}', size: 16GiB}}"
     else:
         l3 = f"kind: redis, block_tokens: {args.block_tokens}, redis: {{url: '{redis_url}'}}"
@@ -407,6 +423,8 @@ def serving(
             config_text = cfg.read_text()
             extra = ["--enable-hiradix", "--hiradix-config", str(cfg)]
         env = {} if args.attention == "sglang" else {cpu_attention.ENV: cpu_attention.MODE}
+        if name == "hiradix_slow":
+            env[slow_store.ENV] = str(args.slow_store_latency)
         server = SGLangServer(model, extra_args=extra + args.server_arg, log_path=tmp / f"{name}.log",
                               max_total_tokens=args.max_total_tokens, page_size=args.page_size,
                               name=name, env=env)  # fmt: skip
@@ -526,6 +544,7 @@ def run_interleaved(
                 end = settled_counters(servers[name], start_counters[name], 0)
                 set_running(servers[name], False)
                 results[name]["tiers_all_rounds"] = tier_shares(start_counters[name], end)
+                results[name]["hiradix_counters_delta"] = counter_delta(start_counters[name], end)
         if "baseline" in outcomes:
             base = outcomes["baseline"]
             for name in names:
@@ -616,9 +635,7 @@ def run_workload(
     if hiradix:
         end = settled_counters(server, start_counters, 0)
         out["tiers_all_rounds"] = tier_shares(start_counters, end)
-        out["hiradix_counters_delta"] = {
-            k: end[k] - start_counters.get(k, 0.0) for k in sorted(end)
-        }
+        out["hiradix_counters_delta"] = counter_delta(start_counters, end)
     return out
 
 
@@ -803,6 +820,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU extend attention of every server: new_queries computes only the "
                    "new tokens' queries, as GPU backends do (hiradix.integration.sglang."
                    "cpu_attention); sglang: torch_native as shipped (pads to the whole sequence)")  # fmt: skip
+    p.add_argument("--slow-store-latency", type=float, default=0.5,
+                   help="seconds the hiradix_slow server's store adds to every call")  # fmt: skip
     p.add_argument("--interleave", action="store_true",
                    help="closed loop with every server up at once, each request sent to every "
                    "server in turn (the others stopped): ratios free of this machine's drift")  # fmt: skip
@@ -869,6 +888,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"WARNING: other jobs used up to {other:.2f} cores during a server run; "
                   "ratios are not reliable (repeat on a quiet host)")  # fmt: skip
         data["outputs_equal_to_baseline"] = output_agreement(data)
+    if "hiradix_slow" in data and "hiradix_host" in data:
+        section = "all_rounds" if args.no_reuse else "rounds_ge2"
+        slow, host = data["hiradix_slow"][section], data["hiradix_host"][section]
+        over = ratio(slow["ttft_p50_s"], host["ttft_p50_s"])
+        data["slow_store_ttft_p50_over_recompute"] = over
+        counters = data["hiradix_slow"].get("hiradix_counters_delta", {})
+        print(f"slow store ({args.slow_store_latency} s a call) TTFT p50 / recomputing "
+              f"(hiradix_host): {over:.3f}; loads skipped for recomputing: "
+              f"{counters.get('recompute_instead_of_load', 0):.0f}, L3 hit tokens: "
+              f"{counters.get('l3_hit_tokens', 0):.0f}", flush=True)  # fmt: skip
     for name in SERVERS:
         if name in data:
             data[name].pop("outputs", None)

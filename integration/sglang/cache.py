@@ -873,8 +873,11 @@ class HiRadixCache(BasePrefixCache):
         state = self.storage.prefetches.get(handle.rid)
         prefetch = self.config.prefetch
         budget = prefetch.wait_budget(len(state.tokens)) if state is not None else 0.0
-        mode = prefetch.wait.value if self.storage.cost.fetching else "best_effort"
-        ready = wait_ready(mode, state, budget, self.clock())  # never wait on a losing tier
+        wanted = len(state.tokens) - state.start_block * self.storage.block if state else 0
+        worth = self.storage.cost.worth_waiting(wanted)  # never wait on a losing tier
+        ready = wait_ready(
+            prefetch.wait.value if worth else "best_effort", state, budget, self.clock()
+        )
         multi = self._tp_size() > 1
         reduce = self._reduce_min if multi else None
         if state is None:
