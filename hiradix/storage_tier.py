@@ -140,9 +140,16 @@ class StorageTier:
         as_int = _INT_OF_SIZE[itemsize]
         self._np_dtype = _NP_INT_OF_SIZE[itemsize]
         self._slab_np = (slab.k.view(as_int).numpy(), slab.v.view(as_int).numpy())
+        #: requests waiting to be scheduled, the one asking included (the adapter reads
+        #: SGLang's waiting queue). With others queued, a fetch slower than recomputing
+        #: still pays: its pages land while the server prefills the others.
+        self.queued: Callable[[], int] = lambda: 0
         #: whether a lookup that finishes after its request was admitted may still add its
         #: pages (only on a single rank: with TP the tree may change only at agreed points)
         self.insert_late = True
+
+    def others_queued(self) -> bool:
+        return self.queued() > 1
 
     # ------------------------------------------------------------------ keys
     def ns_digest(self, namespace: Hashable) -> bytes:
@@ -328,7 +335,11 @@ class StorageTier:
                 if decide is None
                 else max(0, min(present_tokens, decide(present_tokens)))
             )
-            if take > 0 and not self.cost.decide(take, self.bytes_per_token).fetch:
+            if (
+                take > 0
+                and not self.others_queued()
+                and not self.cost.decide(take, self.bytes_per_token).fetch
+            ):
                 self.stats.add("recompute_instead_of_load")
                 take = 0
             pages = -(-(take + local_len - start * self.block) // self.block) if take > 0 else 0

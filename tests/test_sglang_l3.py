@@ -243,3 +243,37 @@ def test_pages_framed_from_any_host_slots_hold_those_rows(store_cfg):
         blob = storage._encode(slots, meta)
         expected = torch.stack((slab.k[:, slots], slab.v[:, slots]))
         assert decode_page(blob, meta) == expected.view(torch.uint8).numpy().tobytes(), name
+
+
+def test_losing_store_is_still_read_while_others_are_queued(store_cfg):
+    """Recomputing beats this store for one request alone; with other requests queued
+    the pages are read anyway (they land while the server prefills the others), and the
+    request waits for them."""
+    from array import array
+
+    cache_a, _, sched_a = server(store_cfg)
+    prompt = [3000 + j for j in range(64)]
+    sched_a.run(SimReq("a", prompt))
+    settle(cache_a)
+
+    cache, _, _ = server(store_cfg)
+    storage = cache.storage
+    cost = storage.cost
+    cost.observe_prefill(100_000, 1.0)  # recomputing 64 tokens: 0.6 ms
+    cost.observe_fetch(0, 0.05)  # a 50 ms round trip
+    cost.observe_fetch(2**20, 0.1)
+    ns = (None, None)
+    storage.prefetch("alone", ns, array("q", prompt), 0)
+    cache.engine.drain()
+    assert storage.prefetches["alone"].ready == 0
+    assert cache.stats.counters["recompute_instead_of_load"] == 1
+    assert not cost.worth_waiting(64)
+
+    storage.queued = lambda: 3
+    storage.prefetch("queued", ns, array("q", prompt), 0)
+    cache.engine.drain()
+    assert storage.prefetches["queued"].ready == 4
+    assert cache.stats.counters["recompute_instead_of_load"] == 1
+    storage.forget("queued")
+    storage.forget("alone")
+    assert cache.slab.used_slots == cache.tree.l2_tokens

@@ -19,8 +19,10 @@ A request's life, all on the virtual clock:
 2. considered (a lane is free and every request before it started or waits for L3): under
    ``wait_complete`` / ``timeout`` it reads the rest of its L3 run now and becomes
    eligible when that and any in-flight reads land (``timeout``: at most the config's
-   wait budget counted from arrival, when SGLang issues the prefetch; never when
-   recomputing those tokens is faster); until then later requests go first;
+   wait budget counted from arrival, when SGLang issues the prefetch; when no other
+   request is queued, never if recomputing those tokens is faster: with a queue the
+   reads land while the lane serves others, so loading saves lane time even when it is
+   slower than recomputing); until then later requests go first;
    ``best_effort`` is eligible at once;
 3. start (eligible and a lane free): the ready host run is loaded into L1 (H2D,
    overlapped layer by layer with the prefill, :func:`~hiradix.sim.cost.overlapped`),
@@ -360,11 +362,18 @@ class Simulator:
         if not times:
             return self.now
         until = max(times)
-        if not self.profile.load_beats_recompute(tokens, where.ready_len, until - self.now):
+        others_queued = len(self._queue) > 1  # a lane it leaves waits for none of them
+        if not others_queued and not self.profile.load_beats_recompute(
+            tokens, where.ready_len, until - self.now
+        ):
             return self.now  # recomputing is faster: do not wait (the reads go on)
         if self.settings.wait is WaitMode.TIMEOUT:
-            # SGLang times a prefetch from when it was issued: the request's arrival
-            until = min(until, spec.arrival + self.settings.wait_budget(spec.input_length))
+            # SGLang times a prefetch from when it was issued: the request's arrival, or
+            # now for reads issued now (what was staged at arrival left L2 while the
+            # request queued; the real adapter holds fetched pages in reserved host slots
+            # until admission instead, so this costs the simulated policies, not hiradix)
+            issued = spec.arrival if where.l3_tokens == 0 else self.now
+            until = min(until, issued + self.settings.wait_budget(spec.input_length))
         return max(self.now, until)
 
     def _start(self, request: _Request) -> None:

@@ -874,7 +874,8 @@ class HiRadixCache(BasePrefixCache):
         prefetch = self.config.prefetch
         budget = prefetch.wait_budget(len(state.tokens)) if state is not None else 0.0
         wanted = len(state.tokens) - state.start_block * self.storage.block if state else 0
-        worth = self.storage.cost.worth_waiting(wanted)  # never wait on a losing tier
+        # never wait on a losing tier, unless others are queued to use the time
+        worth = self.storage.cost.worth_waiting(wanted) or self.storage.others_queued()
         ready = wait_ready(
             prefetch.wait.value if worth else "best_effort", state, budget, self.clock()
         )

@@ -110,6 +110,9 @@ def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any
     cache = getattr(scheduler, "tree_cache", None)
     if getattr(cache, "wants_storage_prefetch", False):
         scheduler.enable_hicache_storage = True
+        storage = getattr(cache, "storage", None)
+        if storage is not None:  # the cost model looks at the queue (storage_tier.py)
+            storage.queued = lambda: len(scheduler.waiting_queue)
         logger.info("hiradix: L3 prefetch on request arrival enabled")
 
 
