@@ -183,12 +183,15 @@ class PrefetchConfig:
     wait: WaitMode
     timeout: float
     timeout_per_1k_tokens: float
+    queued_timeout: float = 5.0
 
-    def wait_budget(self, prompt_tokens: int) -> float:
+    def wait_budget(self, prompt_tokens: int, others_queued: bool = False) -> float:
         """Seconds a request of ``prompt_tokens`` may wait for its L3 prefetch.
 
         0 for ``best_effort``, infinity for ``wait_complete``, and
-        ``timeout + timeout_per_1k_tokens * prompt_tokens / 1000`` for ``timeout``.
+        ``timeout + timeout_per_1k_tokens * prompt_tokens / 1000`` for ``timeout``, or at
+        least ``queued_timeout`` while other requests are queued (they use the server
+        while this one waits, so waiting saves recomputing at no cost to them).
         """
         if prompt_tokens < 0:
             raise ValueError(f"wait_budget: prompt_tokens must be >= 0, got {prompt_tokens}")
@@ -196,7 +199,8 @@ class PrefetchConfig:
             return 0.0
         if self.wait is WaitMode.WAIT_COMPLETE:
             return math.inf
-        return self.timeout + self.timeout_per_1k_tokens * prompt_tokens / 1000
+        budget = self.timeout + self.timeout_per_1k_tokens * prompt_tokens / 1000
+        return max(budget, self.queued_timeout) if others_queued else budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +476,10 @@ _FIELDS: tuple[_Field, ...] = (
     _F("prefetch.timeout_per_1k_tokens", "20ms", duration_parser(),
        "Wait added per 1000 prompt tokens for wait: timeout.",
        lambda c: format_duration(c.prefetch.timeout_per_1k_tokens)),
+    _F("prefetch.queued_timeout", "5s", duration_parser(),
+       "Under wait: timeout, the least a request may wait for its L3 pages while other "
+       "requests are queued (they use the server meanwhile).",
+       lambda c: format_duration(c.prefetch.queued_timeout)),
     _F("compression.codec", "none", enum_parser(Codec),
        "L3 page compression.", lambda c: c.compression.codec.value),
     _F("compression.level", 3, int_parser(1, 22),
@@ -604,6 +612,7 @@ def _build(v: Mapping[str, Any], source: str, base_dir: str) -> HiradixConfig:
             wait=v["prefetch.wait"],
             timeout=v["prefetch.timeout"],
             timeout_per_1k_tokens=v["prefetch.timeout_per_1k_tokens"],
+            queued_timeout=v["prefetch.queued_timeout"],
         ),
         compression=CompressionConfig(codec=v["compression.codec"], level=v["compression.level"]),
         source=source,

@@ -292,6 +292,30 @@ def test_staging_for_waiting_requests_is_capped_at_a_quarter_of_the_pool():
     cache.tree.check_invariants()
 
 
+def test_no_staging_for_a_request_behind_more_new_tokens_than_the_pool():
+    """When the prompts queued ahead of a request will insert more new tokens than the
+    device pool holds, staging its prefix now would be evicted before it runs: skipped."""
+    cache, pools, sched = make_tiered(size=256)
+    rng = random.Random(14)
+    prompts = [[rng.randrange(1000) for _ in range(60)] for _ in range(8)]
+    for i, p in enumerate(prompts):
+        sched.run(SimReq(f"a{i}", p))
+    NS = (None, None)
+    first = array("q", prompts[0])
+    assert cache.tree.match(NS, first, touch=False).host_len == 60
+    queue = [SimpleNamespace(rid=f"q{i}") for i in range(3)]
+    cache.waiting = lambda: queue
+    cache._new_by_rid.update({"q0": 100, "q1": 100, "q2": 100})  # 300 new > 256
+    skipped = cache.stats.counters.get("policy_plans_skipped", 0)
+    cache._stage_for_request("r", NS, first)
+    assert cache.tree.match(NS, first, touch=False).l1_len == 0
+    assert cache.stats.counters["policy_plans_skipped"] == skipped + 1
+    queue.pop()  # 200 new tokens ahead: it fits
+    cache._stage_for_request("r", NS, first)
+    assert cache.tree.match(NS, first, touch=False).l1_len == 60
+    cache.tree.check_invariants()
+
+
 def test_arrival_events_reach_the_policy_without_a_store():
     """With a host tier and no L3 store, arrivals still reach the policy (on SGLang's
     storage-prefetch call); `pattern` stages the request's host run to the device while it

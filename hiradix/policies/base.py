@@ -231,6 +231,16 @@ class TickEvent:
 # --------------------------------------------------------------------------- plans
 
 
+#: The engines' rule for staging an arriving request's own prefix to L1 (``Stage(tier=L1)``
+#: from ``on_arrival``): skipped while what was staged for requests still waiting holds
+#: this share of L1 (a staging whose request has not started within ``STAGED_FOR_S``
+#: seconds no longer counts), and when the prompts queued ahead of it hold more tokens
+#: than L1 (their prefills would evict what is staged now before it is used). The SGLang
+#: adapter and the simulator both apply it.
+STAGED_FOR_SHARE = 0.25
+STAGED_FOR_S = 30.0
+
+
 @dataclass(frozen=True, slots=True)
 class Stage:
     """Bring the prefix ``tokens`` of ``namespace`` up to ``tier`` (L2 or L1) by

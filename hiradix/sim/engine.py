@@ -19,7 +19,8 @@ A request's life, all on the virtual clock:
 2. considered (a lane is free and every request before it started or waits for L3): under
    ``wait_complete`` / ``timeout`` it reads the rest of its L3 run now and becomes
    eligible when that and any in-flight reads land (``timeout``: at most the config's
-   wait budget counted from arrival, when SGLang issues the prefetch; when no other
+   wait budget counted from arrival, when SGLang issues the prefetch, and at least
+   ``prefetch.queued_timeout`` while others are queued; when no other
    request is queued, never if recomputing those tokens is faster: with a queue the
    reads land while the lane serves others, so loading saves lane time even when it is
    slower than recomputing); until then later requests go first;
@@ -48,6 +49,8 @@ from typing import Any
 
 from hiradix.config import WaitMode
 from hiradix.policies.base import (
+    STAGED_FOR_S,
+    STAGED_FOR_SHARE,
     ArrivalEvent,
     Cold,
     FinishEvent,
@@ -84,7 +87,7 @@ class SimSettings:
     ttl: TtlRules = field(default_factory=TtlRules)
     eviction: str = "lru"
     wait: WaitMode = WaitMode.BEST_EFFORT
-    wait_budget: Callable[[int], float] = lambda tokens: 0.0
+    wait_budget: Callable[[int, bool], float] = lambda tokens, others_queued: 0.0
     free_hits: bool = False  # the ceiling: cached tokens cost nothing to use
     page_size: int = 64
     tick_s: float = 1.0
@@ -204,6 +207,8 @@ class Simulator:
         self._pending = 0
         self._busy = 0.0
         self._key_cache: dict[tuple[Hashable, bytes], list[PageKey]] = {}
+        #: tokens staged to L1 for requests still queued (the adapter's cap, cache.py)
+        self._staged_for: dict[str, tuple[int, float]] = {}
 
     # ------------------------------------------------------------------ events
     def _push(self, when: float, order: int, action: Callable[[], None]) -> None:
@@ -268,7 +273,9 @@ class Simulator:
             self._key_cache[(namespace, digest)] = cached
         return cached
 
-    def _execute(self, plans: Sequence[Plan]) -> None:
+    def _execute(self, plans: Sequence[Plan], request: _Request | None = None) -> None:
+        """Carry out plans; ``request``: the arriving request whose event made them (a
+        device staging of its own prefix is capped as the SGLang adapter caps it)."""
         if not plans:
             return
         stages = sorted(
@@ -285,6 +292,10 @@ class Simulator:
             if plan.tier is Tier.L1:
                 where = self.tiers.locate(plan.namespace, tokens, keys, touch=False)
                 nodes = self.tiers.host_run(where) + list(where.inflight)
+                own = request is not None and request.tokens[: len(tokens)] == tokens
+                if own and not self._room_to_stage_for(request, sum(len(n) for n in nodes)):
+                    self.tiers.counters["stage_skipped"] += 1
+                    continue
                 self.tiers.load_l1(nodes, where.match.l1_node, strict=False)
                 # a path staged for use is as recent as a use: without this it would be
                 # the first victim of the next eviction (staging for nothing)
@@ -294,6 +305,22 @@ class Simulator:
                 path = self._plan_tokens(cold.tokens)
                 if path:
                     self.tiers.cold(cold.namespace, path)
+
+    def _room_to_stage_for(self, request: _Request | None, tokens: int) -> bool:
+        """The adapter's rule for staging an arriving request's prefix to the device
+        (:data:`~hiradix.policies.base.STAGED_FOR_SHARE`)."""
+        assert request is not None
+        ahead = sum(r.spec.input_length - r.arrival_run.total for r in self._queue)
+        if ahead > self.settings.l1_tokens:
+            return False  # the prefills queued ahead would evict it before it is used
+        now = self.now
+        for rid in [r for r, (_, t) in self._staged_for.items() if now - t > STAGED_FOR_S]:
+            del self._staged_for[rid]
+        pending = sum(n for n, _ in self._staged_for.values())
+        if pending + tokens > self.settings.l1_tokens * STAGED_FOR_SHARE:
+            return False
+        self._staged_for[request.spec.request_id] = (tokens, now)
+        return True
 
     # ------------------------------------------------------------------ request life
     def _arrive(self, request: _Request) -> None:
@@ -312,7 +339,7 @@ class Simulator:
             matched=request.arrival_run,
             session_id=spec.session_id,
         )
-        self._execute(self.policy.on_arrival(event))
+        self._execute(self.policy.on_arrival(event), request)
         self._queue.append(request)
         self._dispatch()
 
@@ -373,11 +400,13 @@ class Simulator:
             # request queued; the real adapter holds fetched pages in reserved host slots
             # until admission instead, so this costs the simulated policies, not hiradix)
             issued = spec.arrival if where.l3_tokens == 0 else self.now
-            until = min(until, issued + self.settings.wait_budget(spec.input_length))
+            budget = self.settings.wait_budget(spec.input_length, others_queued)
+            until = min(until, issued + budget)
         return max(self.now, until)
 
     def _start(self, request: _Request) -> None:
         spec = request.spec
+        self._staged_for.pop(spec.request_id, None)  # admitted: its staging is used
         tiers = self.tiers
         tree = self.tree
         where = tiers.locate(spec.namespace, request.tokens, request.keys, touch=True)

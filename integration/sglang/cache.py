@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from array import array
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,6 +38,8 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from hiradix.kv_copy import LayerEvents, LayerLoadGate, make_copier
 from hiradix.metrics import PrometheusExporter, Stats, StatsSnapshot
 from hiradix.policies.base import (
+    STAGED_FOR_S,
+    STAGED_FOR_SHARE,
     ArrivalEvent,
     Cold,
     FinishEvent,
@@ -77,7 +79,6 @@ def ttl_rules(config: HiradixConfig) -> TtlRules:
 RETRY_LIMIT = 256  # paths waiting for host memory to drain to L3
 MAX_BACKGROUND_PREFETCH = 64  # L3 lookups in flight for policy plans and requests
 TICK_SECONDS = 1.0  # how often the prefetch policy's on_tick runs
-STAGED_FOR_S = 30.0  # a request staged for and not admitted this long no longer counts
 
 
 class HiRadixCache(BasePrefixCache):
@@ -132,6 +133,10 @@ class HiRadixCache(BasePrefixCache):
         # device tokens staged for arriving requests not yet admitted (bounded, so that
         # staging for a deep queue never evicts what the queue's head was staged)
         self._staged_by_rid: dict[str, tuple[int, float]] = {}  # rid -> (tokens, when)
+        # tokens of each waiting request that no tier held at its arrival, and SGLang's
+        # waiting queue (the plugin sets it): what the prefills queued ahead will insert
+        self._new_by_rid: dict[str, int] = {}
+        self.waiting: Callable[[], Sequence[Any]] = tuple
         self._l3_by_rid: dict[str, int] = {}
         self._l3_to_report: dict[str, int] = {}
         self.tp_group = tp_group
@@ -297,6 +302,7 @@ class HiRadixCache(BasePrefixCache):
         self._pending_save = []
         self._loaded_by_rid = {}
         self._staged_by_rid = {}
+        self._new_by_rid = {}
         if self.storage is not None:
             self.storage.reset()
         if self.slab is not None:
@@ -396,6 +402,7 @@ class HiRadixCache(BasePrefixCache):
     def _count_admission(self, req: Req) -> None:
         """Per-tier hit accounting, once per request at its first checkpoint."""
         loaded = self._loaded_by_rid.pop(req.rid, 0)
+        self._new_by_rid.pop(req.rid, None)
         staged = self._staged_by_rid.pop(req.rid, None)  # admitted: its staging is used
         if staged is not None:  # brought up from host memory for it while it waited
             loaded = min(req.prefix_len, loaded + staged[0])
@@ -668,9 +675,14 @@ class HiRadixCache(BasePrefixCache):
         return True
 
     def _stage_for_request(self, rid: str, namespace: Hashable, tokens: array) -> None:
-        """Stage an arriving request's prefix to the device unless the prefixes staged for
-        requests still waiting already hold a quarter of the device pool."""
-        cap = self.token_to_kv_pool_allocator.size // 4
+        """Stage an arriving request's prefix to the device, by the engines' rule
+        (:data:`~hiradix.policies.base.STAGED_FOR_SHARE`)."""
+        pool = self.token_to_kv_pool_allocator.size
+        ahead = sum(self._new_by_rid.get(r.rid, 0) for r in self.waiting() if r.rid != rid)
+        if ahead > pool:  # the prefills queued ahead would evict it before it is used
+            self.stats.add("policy_plans_skipped")
+            return
+        cap = pool * STAGED_FOR_SHARE
         now = self.clock()
         for old in [r for r, (_, t) in self._staged_by_rid.items() if now - t > STAGED_FOR_S]:
             del self._staged_by_rid[old]  # never admitted (no first checkpoint): forget it
@@ -716,6 +728,7 @@ class HiRadixCache(BasePrefixCache):
         rid = getattr(handle, "rid", None)
         self._loaded_by_rid.pop(rid, None)
         self._staged_by_rid.pop(rid, None)
+        self._new_by_rid.pop(rid, None)
         self._l3_by_rid.pop(rid, None)
         self._l3_to_report.pop(rid, None)
         if self.storage is not None and rid is not None:
@@ -797,6 +810,7 @@ class HiRadixCache(BasePrefixCache):
         )
         self.stats.add("policy_events")
         local = found.total_len
+        self._new_by_rid[rid] = max(0, len(tokens) - local - l3_tokens)
         take = 0
         for plan in self.policy.on_arrival(event):
             if (
@@ -872,10 +886,11 @@ class HiRadixCache(BasePrefixCache):
         self.engine.poll()
         state = self.storage.prefetches.get(handle.rid)
         prefetch = self.config.prefetch
-        budget = prefetch.wait_budget(len(state.tokens)) if state is not None else 0.0
-        wanted = len(state.tokens) - state.start_block * self.storage.block if state else 0
         # never wait on a losing tier, unless others are queued to use the time
-        worth = self.storage.cost.worth_waiting(wanted) or self.storage.others_queued()
+        others = self.storage.others_queued()
+        budget = prefetch.wait_budget(len(state.tokens), others) if state is not None else 0.0
+        wanted = len(state.tokens) - state.start_block * self.storage.block if state else 0
+        worth = others or self.storage.cost.worth_waiting(wanted)
         ready = wait_ready(
             prefetch.wait.value if worth else "best_effort", state, budget, self.clock()
         )
