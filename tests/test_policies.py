@@ -146,7 +146,7 @@ def test_pattern_one_shot_long_document_goes_cold() -> None:
 
 
 def test_pattern_keeps_and_stages_what_is_reused() -> None:
-    policy = create_policy(config("pattern", lead_s=2.0, l1_lead_s=0.0))
+    policy = create_policy(config("pattern", lead_s=2.0, l1_lead_s=0.0, l2_budget=0.1))
     doc = path(1, 2, 3, 4)
     policy.on_arrival(arrival(0.0, doc, "a"))
     policy.on_finish(finish(1.0, doc, "a"))
