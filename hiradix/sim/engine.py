@@ -292,8 +292,11 @@ class Simulator:
             if plan.tier is Tier.L1:
                 where = self.tiers.locate(plan.namespace, tokens, keys, touch=False)
                 nodes = self.tiers.host_run(where) + list(where.inflight)
-                own = request is not None and request.tokens[: len(tokens)] == tokens
-                if own and not self._room_to_stage_for(request, sum(len(n) for n in nodes)):
+                if (
+                    request is not None
+                    and request.tokens[: len(tokens)] == tokens  # its own prefix
+                    and not self._room_to_stage_for(request, sum(len(n) for n in nodes))
+                ):
                     self.tiers.counters["stage_skipped"] += 1
                     continue
                 self.tiers.load_l1(nodes, where.match.l1_node, strict=False)
@@ -306,10 +309,9 @@ class Simulator:
                 if path:
                     self.tiers.cold(cold.namespace, path)
 
-    def _room_to_stage_for(self, request: _Request | None, tokens: int) -> bool:
+    def _room_to_stage_for(self, request: _Request, tokens: int) -> bool:
         """The adapter's rule for staging an arriving request's prefix to the device
         (:data:`~hiradix.policies.base.STAGED_FOR_SHARE`)."""
-        assert request is not None
         ahead = sum(r.spec.input_length - r.arrival_run.total for r in self._queue)
         if ahead > self.settings.l1_tokens:
             return False  # the prefills queued ahead would evict it before it is used
@@ -396,9 +398,9 @@ class Simulator:
             return self.now  # recomputing is faster: do not wait (the reads go on)
         if self.settings.wait is WaitMode.TIMEOUT:
             # SGLang times a prefetch from when it was issued: the request's arrival, or
-            # now for reads issued now (what was staged at arrival left L2 while the
-            # request queued; the real adapter holds fetched pages in reserved host slots
-            # until admission instead, so this costs the simulated policies, not hiradix)
+            # now for reads issued now (what arrival staged into L2 was evicted while the
+            # request queued; the adapter's arrival fetches wait in reserved host slots
+            # and are not lost that way, so this is the pessimistic side)
             issued = spec.arrival if where.l3_tokens == 0 else self.now
             budget = self.settings.wait_budget(spec.input_length, others_queued)
             until = min(until, issued + budget)
