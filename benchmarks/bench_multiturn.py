@@ -170,6 +170,19 @@ class Job:
     input_ids: list[int]
 
 
+def send(base_url: str, job: Job, output_length: int, sent: float) -> Outcome:
+    """One request; ``sent`` is recorded as its send time. A failure is recorded (latency:
+    until it failed), never raised."""
+    started = time.perf_counter()
+    try:
+        ttft, lat, out, meta = stream_generate(base_url, job.input_ids, output_length)
+    except Exception as err:  # noqa: BLE001 - a failed request is recorded, not fatal
+        return Outcome(job.client, job.round, len(job.input_ids), sent, float("nan"),
+                       time.perf_counter() - started, [], 0, ok=False, error=repr(err))  # fmt: skip
+    return Outcome(job.client, job.round, len(job.input_ids), sent, ttft, lat, out,
+                   int(meta.get("cached_tokens", 0)))  # fmt: skip
+
+
 class Driver:
     """Open-loop sender: Poisson/uniform gaps, a ready queue, at most ``max_parallel`` in flight.
 
@@ -193,15 +206,7 @@ class Driver:
 
         def finish(job: Job, sent: float) -> None:
             nonlocal in_flight
-            try:
-                ttft, lat, out, meta = stream_generate(
-                    self.base_url, job.input_ids, args.output_length
-                )
-                outcome = Outcome(job.client, job.round, len(job.input_ids), sent, ttft, lat, out,
-                                  int(meta.get("cached_tokens", 0)))  # fmt: skip
-            except Exception as err:  # noqa: BLE001 - a failed request is recorded, not fatal
-                outcome = Outcome(job.client, job.round, len(job.input_ids), sent, float("nan"),
-                                  time.perf_counter() - sent, [], 0, ok=False, error=repr(err))  # fmt: skip
+            outcome = send(self.base_url, job, args.output_length, sent)
             nxt = follow_up(outcome) if follow_up is not None and outcome.ok else None
             with self.cond:
                 done.append(outcome)
@@ -506,14 +511,7 @@ def run_interleaved(
                 for name in order:
                     set_running(servers[name], True)
                     try:
-                        ttft, lat, out, meta = stream_generate(
-                            servers[name].base_url, job.input_ids, args.output_length
-                        )
-                        outcome = Outcome(job.client, job.round, len(job.input_ids), busy[name], ttft,
-                                          lat, out, int(meta.get("cached_tokens", 0)))  # fmt: skip
-                    except Exception as err:  # noqa: BLE001 - a failed request is recorded
-                        outcome = Outcome(job.client, job.round, len(job.input_ids), busy[name],
-                                          float("nan"), 0.0, [], 0, ok=False, error=repr(err))  # fmt: skip
+                        outcome = send(servers[name].base_url, job, args.output_length, busy[name])
                     finally:
                         set_running(servers[name], False)
                     busy[name] += outcome.latency

@@ -140,7 +140,7 @@ class StorageTier:
         as_int = _INT_OF_SIZE[itemsize]
         self._np_dtype = _NP_INT_OF_SIZE[itemsize]
         self._slab_np = (slab.k.view(as_int).numpy(), slab.v.view(as_int).numpy())
-        #: requests waiting to be scheduled, the one asking included (the adapter reads
+        #: requests waiting to be scheduled, the one asking included (the adapter counts
         #: SGLang's waiting queue). With others queued, a fetch slower than recomputing
         #: still pays: its pages land while the server prefills the others.
         self.queued: Callable[[], int] = lambda: 0

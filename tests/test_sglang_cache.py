@@ -295,7 +295,7 @@ def test_staging_for_waiting_requests_is_capped_at_a_quarter_of_the_pool():
 def test_no_staging_for_a_request_behind_more_new_tokens_than_the_pool():
     """When the prompts queued ahead of a request will insert more new tokens than the
     device pool holds, staging its prefix now would be evicted before it runs: skipped."""
-    cache, pools, sched = make_tiered(size=256)
+    cache, _, sched = make_tiered(size=256)
     rng = random.Random(14)
     prompts = [[rng.randrange(1000) for _ in range(60)] for _ in range(8)]
     for i, p in enumerate(prompts):

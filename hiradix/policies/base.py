@@ -241,6 +241,32 @@ STAGED_FOR_SHARE = 0.25
 STAGED_FOR_S = 30.0
 
 
+class StagedForRequests:
+    """What an engine staged to L1 for arriving requests that have not started yet, and
+    the rule above for whether one more staging fits."""
+
+    def __init__(self) -> None:
+        self._by_rid: dict[str, tuple[int, float]] = {}  # request id -> (tokens, when)
+
+    def fits(self, tokens: int, *, now: float, l1_tokens: float, queued_new: int) -> bool:
+        """Whether ``tokens`` more may be staged for a request behind prompts that will
+        insert ``queued_new`` new tokens into an L1 of ``l1_tokens``."""
+        if queued_new > l1_tokens:  # the prefills queued ahead would evict it before use
+            return False
+        for rid in [r for r, (_, t) in self._by_rid.items() if now - t > STAGED_FOR_S]:
+            del self._by_rid[rid]  # its request never started: it no longer counts
+        pending = sum(n for n, _ in self._by_rid.values())
+        return pending + tokens <= l1_tokens * STAGED_FOR_SHARE
+
+    def add(self, request_id: str, tokens: int, now: float) -> None:
+        self._by_rid[request_id] = (tokens, now)
+
+    def pop(self, request_id: str | None) -> int:
+        """Tokens staged for a request that starts or goes away (0 if none)."""
+        entry = self._by_rid.pop(request_id, None) if request_id is not None else None
+        return entry[0] if entry is not None else 0
+
+
 @dataclass(frozen=True, slots=True)
 class Stage:
     """Bring the prefix ``tokens`` of ``namespace`` up to ``tier`` (L2 or L1) by

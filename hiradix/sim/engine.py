@@ -49,8 +49,6 @@ from typing import Any
 
 from hiradix.config import WaitMode
 from hiradix.policies.base import (
-    STAGED_FOR_S,
-    STAGED_FOR_SHARE,
     ArrivalEvent,
     Cold,
     FinishEvent,
@@ -58,6 +56,7 @@ from hiradix.policies.base import (
     PathView,
     Plan,
     Stage,
+    StagedForRequests,
     TickEvent,
     TierRun,
 )
@@ -207,8 +206,7 @@ class Simulator:
         self._pending = 0
         self._busy = 0.0
         self._key_cache: dict[tuple[Hashable, bytes], list[PageKey]] = {}
-        #: tokens staged to L1 for requests still queued (the adapter's cap, cache.py)
-        self._staged_for: dict[str, tuple[int, float]] = {}
+        self._staged_for = StagedForRequests()  # the adapter's rule for arrivals' L1 staging
 
     # ------------------------------------------------------------------ events
     def _push(self, when: float, order: int, action: Callable[[], None]) -> None:
@@ -292,13 +290,15 @@ class Simulator:
             if plan.tier is Tier.L1:
                 where = self.tiers.locate(plan.namespace, tokens, keys, touch=False)
                 nodes = self.tiers.host_run(where) + list(where.inflight)
-                if (
-                    request is not None
-                    and request.tokens[: len(tokens)] == tokens  # its own prefix
-                    and not self._room_to_stage_for(request, sum(len(n) for n in nodes))
-                ):
-                    self.tiers.counters["stage_skipped"] += 1
-                    continue
+                if request is not None and request.tokens[: len(tokens)] == tokens:
+                    size = sum(len(n) for n in nodes)  # its own prefix: the staging rule
+                    ahead = sum(r.spec.input_length - r.arrival_run.total for r in self._queue)
+                    if not self._staged_for.fits(
+                        size, now=self.now, l1_tokens=self.settings.l1_tokens, queued_new=ahead
+                    ):
+                        self.tiers.counters["stage_skipped"] += 1
+                        continue
+                    self._staged_for.add(request.spec.request_id, size, self.now)
                 self.tiers.load_l1(nodes, where.match.l1_node, strict=False)
                 # a path staged for use is as recent as a use: without this it would be
                 # the first victim of the next eviction (staging for nothing)
@@ -308,21 +308,6 @@ class Simulator:
                 path = self._plan_tokens(cold.tokens)
                 if path:
                     self.tiers.cold(cold.namespace, path)
-
-    def _room_to_stage_for(self, request: _Request, tokens: int) -> bool:
-        """The adapter's rule for staging an arriving request's prefix to the device
-        (:data:`~hiradix.policies.base.STAGED_FOR_SHARE`)."""
-        ahead = sum(r.spec.input_length - r.arrival_run.total for r in self._queue)
-        if ahead > self.settings.l1_tokens:
-            return False  # the prefills queued ahead would evict it before it is used
-        now = self.now
-        for rid in [r for r, (_, t) in self._staged_for.items() if now - t > STAGED_FOR_S]:
-            del self._staged_for[rid]
-        pending = sum(n for n, _ in self._staged_for.values())
-        if pending + tokens > self.settings.l1_tokens * STAGED_FOR_SHARE:
-            return False
-        self._staged_for[request.spec.request_id] = (tokens, now)
-        return True
 
     # ------------------------------------------------------------------ request life
     def _arrive(self, request: _Request) -> None:
@@ -408,7 +393,7 @@ class Simulator:
 
     def _start(self, request: _Request) -> None:
         spec = request.spec
-        self._staged_for.pop(spec.request_id, None)  # admitted: its staging is used
+        self._staged_for.pop(spec.request_id)  # started: its staging is used
         tiers = self.tiers
         tree = self.tree
         where = tiers.locate(spec.namespace, request.tokens, request.keys, touch=True)

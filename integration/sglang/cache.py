@@ -38,14 +38,13 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from hiradix.kv_copy import LayerEvents, LayerLoadGate, make_copier
 from hiradix.metrics import PrometheusExporter, Stats, StatsSnapshot
 from hiradix.policies.base import (
-    STAGED_FOR_S,
-    STAGED_FOR_SHARE,
     ArrivalEvent,
     Cold,
     FinishEvent,
     GuardedPolicy,
     PathView,
     Stage,
+    StagedForRequests,
     TickEvent,
     TierRun,
 )
@@ -132,7 +131,7 @@ class HiRadixCache(BasePrefixCache):
         self._loaded_by_rid: dict[str, int] = {}
         # device tokens staged for arriving requests not yet admitted (bounded, so that
         # staging for a deep queue never evicts what the queue's head was staged)
-        self._staged_by_rid: dict[str, tuple[int, float]] = {}  # rid -> (tokens, when)
+        self._staged_for = StagedForRequests()
         # tokens of each waiting request that no tier held at its arrival, and SGLang's
         # waiting queue (the plugin sets it): what the prefills queued ahead will insert
         self._new_by_rid: dict[str, int] = {}
@@ -195,6 +194,7 @@ class HiRadixCache(BasePrefixCache):
             breaker=CircuitBreaker(),
         )
         self.storage.insert_late = self._tp_size() == 1
+        self.storage.queued = lambda: len(self.waiting())
         logger.info(
             "hiradix: L3 %s store, %d-token pages, model id %s",
             kind,
@@ -301,7 +301,7 @@ class HiRadixCache(BasePrefixCache):
         self._pending_demote = []
         self._pending_save = []
         self._loaded_by_rid = {}
-        self._staged_by_rid = {}
+        self._staged_for = StagedForRequests()
         self._new_by_rid = {}
         if self.storage is not None:
             self.storage.reset()
@@ -403,9 +403,9 @@ class HiRadixCache(BasePrefixCache):
         """Per-tier hit accounting, once per request at its first checkpoint."""
         loaded = self._loaded_by_rid.pop(req.rid, 0)
         self._new_by_rid.pop(req.rid, None)
-        staged = self._staged_by_rid.pop(req.rid, None)  # admitted: its staging is used
-        if staged is not None:  # brought up from host memory for it while it waited
-            loaded = min(req.prefix_len, loaded + staged[0])
+        staged = self._staged_for.pop(req.rid)  # admitted: its staging is used
+        if staged:  # brought up from host memory for it while it waited
+            loaded = min(req.prefix_len, loaded + staged)
         from_l3 = min(loaded, self._l3_by_rid.pop(req.rid, 0))
         self.stats.add("prompt_tokens", len(req.origin_input_ids))
         self.stats.add("l1_hit_tokens", max(0, req.prefix_len - loaded))
@@ -676,24 +676,17 @@ class HiRadixCache(BasePrefixCache):
 
     def _stage_for_request(self, rid: str, namespace: Hashable, tokens: array) -> None:
         """Stage an arriving request's prefix to the device, by the engines' rule
-        (:data:`~hiradix.policies.base.STAGED_FOR_SHARE`)."""
-        pool = self.token_to_kv_pool_allocator.size
+        (:class:`~hiradix.policies.base.StagedForRequests`)."""
         ahead = sum(self._new_by_rid.get(r.rid, 0) for r in self.waiting() if r.rid != rid)
-        if ahead > pool:  # the prefills queued ahead would evict it before it is used
-            self.stats.add("policy_plans_skipped")
-            return
-        cap = pool * STAGED_FOR_SHARE
-        now = self.clock()
-        for old in [r for r, (_, t) in self._staged_by_rid.items() if now - t > STAGED_FOR_S]:
-            del self._staged_by_rid[old]  # never admitted (no first checkpoint): forget it
-        pending = sum(n for n, _ in self._staged_by_rid.values())
         found = self.tree.match(namespace, tokens, touch=False)
-        if pending + found.host_len > cap:
+        now = self.clock()
+        pool = self.token_to_kv_pool_allocator.size
+        if not self._staged_for.fits(found.host_len, now=now, l1_tokens=pool, queued_new=ahead):
             self.stats.add("policy_plans_skipped")
             return
         staged = self._stage_l1(namespace, tokens, found)
         if staged:
-            self._staged_by_rid[rid] = (staged, now)
+            self._staged_for.add(rid, staged, now)
 
     def _stage_l1(self, namespace: Hashable, tokens: array, found: Any = None) -> int:
         """A policy's ``Stage(tier=L1)``: bring the host-ready run of the path that
@@ -727,7 +720,7 @@ class HiRadixCache(BasePrefixCache):
     def release_aborted_request(self, handle: Any) -> None:
         rid = getattr(handle, "rid", None)
         self._loaded_by_rid.pop(rid, None)
-        self._staged_by_rid.pop(rid, None)
+        self._staged_for.pop(rid)
         self._new_by_rid.pop(rid, None)
         self._l3_by_rid.pop(rid, None)
         self._l3_to_report.pop(rid, None)

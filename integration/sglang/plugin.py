@@ -110,10 +110,7 @@ def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any
     cache = getattr(scheduler, "tree_cache", None)
     if getattr(cache, "wants_storage_prefetch", False):
         scheduler.enable_hicache_storage = True
-        cache.waiting = lambda: scheduler.waiting_queue
-        storage = getattr(cache, "storage", None)
-        if storage is not None:  # the cost model looks at the queue (storage_tier.py)
-            storage.queued = lambda: len(scheduler.waiting_queue)
+        cache.waiting = lambda: scheduler.waiting_queue  # admission and staging read it
         logger.info("hiradix: L3 prefetch on request arrival enabled")
 
 
