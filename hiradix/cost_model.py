@@ -68,23 +68,14 @@ class CostModel:
             self.prefill_tokens_per_s.add(tokens / seconds)
 
     def _estimate(self, tokens: int, bytes_per_token: int) -> tuple[float, float] | None:
-        """(fetch seconds, recompute seconds) for ``tokens``, or None while unknown. With
-        the round trip measured but no transfer yet, the fetch estimate is its lower
-        bound (two round trips: the lookup and the read)."""
+        """(fetch seconds, recompute seconds) for ``tokens``, or None until both speeds
+        have been measured (a fetch is two round trips: the lookup and the read)."""
         prefill = self.prefill_tokens_per_s.value
-        latency = self.fetch_latency_s.value
         bandwidth = self.fetch_bytes_per_s.value
-        if prefill is None or tokens <= 0 or (latency is None and bandwidth is None):
+        if prefill is None or bandwidth is None or tokens <= 0:
             return None
-        transfer = tokens * bytes_per_token / bandwidth if bandwidth else 0.0
-        return 2 * (latency or 0.0) + transfer, tokens / prefill
-
-    def worth_waiting(self, tokens: int) -> bool:
-        """Whether a request should wait on a store lookup for ``tokens``: not while loads
-        are being skipped, nor when the store's round trips alone take longer than
-        recomputing them."""
-        estimate = self._estimate(tokens, 0)
-        return self._fetching and (estimate is None or estimate[0] <= estimate[1] * self.margin)
+        latency = self.fetch_latency_s.value or 0.0
+        return 2 * latency + tokens * bytes_per_token / bandwidth, tokens / prefill
 
     def decide(self, tokens: int, bytes_per_token: int) -> Decision:
         """Fetch unless recomputing is measured to be faster (then one probe in

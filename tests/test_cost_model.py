@@ -32,18 +32,3 @@ def test_fast_store_is_used_slow_store_is_skipped_with_probes(caplog):
     slow.observe_fetch(0, 0.0005)
     slow.observe_fetch(100 * 2**20, 0.1)
     assert slow.decide(1000, 4096).fetch
-
-
-def test_round_trips_slower_than_recomputing_lose_before_any_transfer():
-    """A store whose lookups alone take longer than recomputing is skipped (and not
-    waited on) before a single page has been read from it."""
-    cost = CostModel(alpha=1.0, probe_every=1000)
-    assert cost.worth_waiting(1000)  # nothing measured: wait as configured
-    cost.observe_prefill(4000, 1.0)  # 1,000 tokens: 250 ms
-    cost.observe_fetch(0, 0.001)  # 1 ms lookups: worth it, transfer speed still unknown
-    assert cost.worth_waiting(1000) and cost.decide(1000, 4096).fetch
-    cost.observe_fetch(0, 0.5)  # lookups now take 500 ms
-    assert not cost.worth_waiting(1000)
-    assert cost.worth_waiting(10_000)  # 2.5 s of recomputing: still worth a 1 s fetch
-    assert not cost.decide(1000, 4096).fetch
-    assert not cost.fetching and not cost.worth_waiting(10_000)  # losing: never wait

@@ -882,8 +882,7 @@ class HiRadixCache(BasePrefixCache):
         # never wait on a losing tier, unless others are queued to use the time
         others = self.storage.others_queued()
         budget = prefetch.wait_budget(len(state.tokens), others) if state is not None else 0.0
-        wanted = len(state.tokens) - state.start_block * self.storage.block if state else 0
-        worth = others or self.storage.cost.worth_waiting(wanted)
+        worth = others or self.storage.cost.fetching
         ready = wait_ready(
             prefetch.wait.value if worth else "best_effort", state, budget, self.clock()
         )
