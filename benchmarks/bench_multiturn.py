@@ -28,6 +28,9 @@ Servers, started one at a time by this script on this machine, same model, same 
   testbed's :mod:`hiradix.integration.sglang.slow_store`). Run with ``hiradix_host`` (same
   L1 and L2, no store: what recomputing costs) to see the cost model at work; the script
   then prints and writes ``slow_store_ttft_p50_over_recompute``.
+* ``baseline_b``    (only when named in ``--servers``) a second ``baseline``: the A/A
+  control, how far apart two identical server processes are (its ratios end in ``_aa``
+  and are not counted in the goals).
 
 TTFT is measured by the client: ``"stream": true`` on ``/generate``, time to the first
 chunk that carries an output token. Latency is the time to ``[DONE]``. Throughput of a
@@ -54,6 +57,16 @@ Run from the repository root (about 4 minutes with the defaults on 2 cores)::
     .venv/bin/python benchmarks/bench_multiturn.py --json benchmarks/results/multiturn.json
     .venv/bin/python benchmarks/bench_multiturn.py --no-reuse --json benchmarks/results/multiturn_noreuse.json
 
+Overhead at the 5% level (``--no-reuse``) needs ``--interleave`` (this machine's speed
+drifts within minutes) and ``--repeat`` (a server process can be a few percent faster or
+slower than an identical one for its whole life), with ``baseline_b`` to show that
+spread; each server's CPU milliseconds per request, by process and thread, are printed
+and written (``cpu_ms_per_request``)::
+
+    .venv/bin/python benchmarks/bench_multiturn.py --no-reuse --num-rounds 2 --request-length 1536 \
+        --max-parallel 1 --request-rate 0 --no-calibrate --interleave --repeat 4 \
+        --servers baseline baseline_b hiradix_nvme hiradix_redis --json benchmarks/results/multiturn_noreuse_repeat.json
+
 Not collected by pytest (STYLE.md item 12).
 """
 
@@ -76,7 +89,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +111,11 @@ SERVERS = (
     "hiradix_nvme",
     "hiradix_redis",
     "hiradix_slow",
+    "baseline_b",
 )
-HIRADIX = SERVERS[1:]
+HIRADIX = tuple(n for n in SERVERS if n.startswith("hiradix_"))
+# what a server's ratios to ``baseline`` are called (``baseline_b``: the A/A control)
+TAGS = {n: n.split("_", 1)[1] for n in HIRADIX} | {"baseline_b": "aa"}
 TIER_COUNTERS = ("prompt_tokens", "l1_hit_tokens", "l2_hit_tokens", "l3_hit_tokens")
 MIB = 1 << 20
 NOISY_OTHER_CORES = 0.25  # other jobs' average cores above which a run is flagged
@@ -250,9 +266,9 @@ class Driver:
 class Workload:
     """Prompts of every client, built from one seed so every server sees the same tokens."""
 
-    def __init__(self, args: argparse.Namespace, vocab: int) -> None:
+    def __init__(self, args: argparse.Namespace, vocab: int, seed: int | None = None) -> None:
         self.args = args
-        rng = random.Random(args.seed)
+        rng = random.Random(args.seed if seed is None else seed)
         # ids 0-3 are special tokens of the bench tokenizer
         self.draw = lambda n: [rng.randrange(4, vocab) for _ in range(n)]
         self.system = self.draw(args.shared_system_prompt) if not args.no_reuse else []
@@ -390,6 +406,36 @@ class CpuMeter:
         }
 
 
+def is_hiradix(name: str) -> bool:
+    return name in HIRADIX
+
+
+def thread_cpu(pids: Sequence[int]) -> dict[str, float]:
+    """CPU seconds (user + system) so far of every thread of ``pids``, summed by
+    ``process name/thread name`` (a process's first thread is ``main``; Linux ``/proc``,
+    empty elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    out: dict[str, float] = {}
+    for pid in pids:
+        try:
+            proc = Path(f"/proc/{pid}/comm").read_text().strip()
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            if task.name == str(pid):
+                name = "main"
+            fields = stat[stat.rindex(")") + 2 :].split()
+            key = f"{proc}/{name}"
+            out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 # ----------------------------------------------------------------------------- servers
 
 
@@ -418,7 +464,7 @@ def serving(
         extra: list[str] = []
         config_text = None
         redis: RedisServer | None = None
-        if name != "baseline":
+        if is_hiradix(name):
             store = name.split("_", 1)[1]
             if store == "redis":
                 redis = stack.enter_context(RedisServer())
@@ -450,7 +496,7 @@ def run_server(
         if args.calibrate and name == "baseline" and not args.no_reuse:
             result["calibration"] = calibrate(server, args)
         meter = CpuMeter(lambda: server.pids() + redis_pids)
-        result.update(run_workload(server, args, hiradix=name != "baseline"))
+        result.update(run_workload(server, args, hiradix=is_hiradix(name)))
         result["cpu"] = meter.stop()
         print(
             "  cpu: {machine_busy_cores:.2f} cores busy, ours {our_cores:.2f}, "
@@ -479,27 +525,114 @@ def run_interleaved(
     """Closed loop with every server up at once: each request goes to every server in
     turn (who goes first rotates) while the others are stopped, so this machine's drift
     in speed falls on all servers alike. A server's throughput is its requests over the
-    sum of its own latencies (its busy time)."""
+    sum of its own latencies (its busy time).
+
+    ``--repeat K`` does it K times, each time with freshly started servers and fresh
+    prompts: two server processes doing identical work can differ by several percent for
+    their whole life (the ``baseline_b`` A/A control shows how much), so overhead
+    figures at the 5% level need more than one process per server. Summaries pool every
+    repeat's requests; ``repeats`` keeps each repeat's ratios."""
     names = list(args.servers)
-    results: dict[str, Any] = {}
+    pooled: dict[str, dict[str, Any]] = {
+        n: {"outcomes": [], "busy": 0.0, "threads": {}, "counters": {}, "ready_s": []}
+        for n in names
+    }
+    results: dict[str, Any] = {n: {} for n in names}
+    per_repeat: list[dict[str, float]] = []
+    for rep in range(args.repeat):
+        if args.repeat > 1:
+            print(f"\n=== repeat {rep + 1} of {args.repeat}", flush=True)
+        once = _interleaved_once(model, args, tmp / f"repeat{rep}", host_bytes, args.seed + rep)
+        for name in names:
+            mine, acc = once[name], pooled[name]
+            acc["outcomes"] += [replace(o, client=o.client + rep * args.num_clients)
+                                for o in mine["outcomes"]]  # fmt: skip
+            acc["busy"] += mine["busy"]
+            acc["ready_s"].append(mine["ready_s"])
+            for k, v in mine["threads"].items():
+                acc["threads"][k] = acc["threads"].get(k, 0.0) + v
+            for k, v in mine.get("counters", {}).items():
+                acc["counters"][k] = acc["counters"].get(k, 0.0) + v
+            results[name]["hiradix_config"] = mine["hiradix_config"]
+            results[name]["cpu"] = mine["cpu"]
+            results[name]["log_tracebacks"] = (
+                results[name].get("log_tracebacks", 0) + mine["log_tracebacks"]
+            )
+        if "baseline" in once:
+            per_repeat.append(
+                ratios({n: {"all": summarize(once[n]["outcomes"])} for n in names}, "all")
+            )
+    for name in names:
+        acc = pooled[name]
+        mine = acc["outcomes"]
+        by_thread = {k: round(1e3 * v / max(1, len(mine)), 2) for k, v in acc["threads"].items()
+                     if 1e3 * v / max(1, len(mine)) >= 0.1}  # fmt: skip
+        by_thread = dict(sorted(by_thread.items(), key=lambda kv: -kv[1]))
+        print(f"  {name}: CPU ms per request {sum(by_thread.values()):.0f}: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in list(by_thread.items())[:8]), flush=True)  # fmt: skip
+        rounds = [{"round": r, **summarize([o for o in mine if o.round == r])}
+                  for r in range(1, args.num_rounds + 1)]  # fmt: skip
+        results[name].update({
+            "ready_s": acc["ready_s"],
+            "wall_s": acc["busy"],
+            "per_round": rounds,
+            "rounds_ge2": summarize([o for o in mine if o.round >= 2]),
+            "all_rounds": summarize(mine),
+            "failures": [o.error for o in mine if not o.ok][:5],
+            "outputs": {f"{o.client}:{o.round}": o.output_ids for o in mine},
+            "cpu_ms_per_request": by_thread,
+        })  # fmt: skip
+        if is_hiradix(name):
+            results[name]["tiers_all_rounds"] = tier_shares({}, acc["counters"])
+            results[name]["hiradix_counters_delta"] = acc["counters"]
+    if "baseline" in pooled:
+        base = pooled["baseline"]["outcomes"]
+        for name in names:
+            if name == "baseline":
+                continue
+            pairs = [m.ttft / b.ttft for m, b in zip(pooled[name]["outcomes"], base, strict=True)
+                     if m.ok and b.ok and b.ttft > 0]  # fmt: skip
+            results[name]["paired_ttft_ratio_p50"] = pct(pairs, 0.5)
+            print(f"  {name}: median of per-request TTFT ratios to baseline "
+                  f"{pct(pairs, 0.5):.3f}", flush=True)  # fmt: skip
+    if per_repeat:
+        results["repeats"] = per_repeat
+        for i, row in enumerate(per_repeat, 1):
+            print(f"  repeat {i}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
+                                                 if k.endswith(tuple(TAGS.values()))), flush=True)  # fmt: skip
+    return results
+
+
+def _interleaved_once(
+    model: Path, args: argparse.Namespace, tmp: Path, host_bytes: int, seed: int
+) -> dict[str, dict[str, Any]]:
+    """One interleaved run with freshly started servers: per server its outcomes, busy
+    time, per-thread CPU seconds and hiradix counter deltas."""
+    names = list(args.servers)
+    tmp.mkdir(parents=True, exist_ok=True)
+    out: dict[str, dict[str, Any]] = {}
     with ExitStack() as stack:
         servers: dict[str, SGLangServer] = {}
+        redis_of: dict[str, list[int]] = {}
         for name in names:
-            server, result, _ = stack.enter_context(serving(name, model, args, tmp, host_bytes))
-            servers[name], results[name] = server, result
+            server, result, redis_of[name] = stack.enter_context(
+                serving(name, model, args, tmp, host_bytes)
+            )
+            servers[name], out[name] = server, result
             set_running(server, False)
-        stack.callback(lambda: [set_running(s, True) for s in servers.values()])
-        vocab = get_preset(args.preset).vocab_size
-        workload = Workload(args, vocab)
+        for server in servers.values():
+            stack.callback(set_running, server, True)
+        workload = Workload(args, get_preset(args.preset).vocab_size, seed)
         outcomes: dict[str, list[Outcome]] = {n: [] for n in names}
         busy = dict.fromkeys(names, 0.0)
         start_counters: dict[str, dict[str, float]] = {}
         for name in names:
-            if name != "baseline":
+            if is_hiradix(name):
                 set_running(servers[name], True)
                 start_counters[name] = servers[name].hiradix_metrics()
                 set_running(servers[name], False)
         meter = CpuMeter(lambda: [pid for s in servers.values() for pid in s.pids()])
+        threads0 = {n: thread_cpu(servers[n].pids() + redis_of[n]) for n in names}
         t0 = time.perf_counter()
         jobs = [workload.first(c) for c in range(args.num_clients)]
         step = 0
@@ -525,35 +658,19 @@ def run_interleaved(
                   f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
         cpu = meter.stop()
         for name in names:
-            mine = outcomes[name]
-            rounds = [{"round": r, **summarize([o for o in mine if o.round == r])}
-                      for r in range(1, args.num_rounds + 1)]  # fmt: skip
-            results[name].update({
-                "wall_s": busy[name],
-                "per_round": rounds,
-                "rounds_ge2": summarize([o for o in mine if o.round >= 2]),
-                "all_rounds": summarize(mine),
-                "failures": [o.error for o in mine if not o.ok][:5],
-                "outputs": {f"{o.client}:{o.round}": o.output_ids for o in mine},
+            threads1 = thread_cpu(servers[name].pids() + redis_of[name])
+            out[name].update({
+                "outcomes": outcomes[name],
+                "busy": busy[name],
                 "cpu": cpu,
+                "threads": {k: v - threads0[name].get(k, 0.0) for k, v in threads1.items()},
             })  # fmt: skip
-            if name != "baseline":
+            if is_hiradix(name):
                 set_running(servers[name], True)
                 end = settled_counters(servers[name], start_counters[name], 0)
                 set_running(servers[name], False)
-                results[name]["tiers_all_rounds"] = tier_shares(start_counters[name], end)
-                results[name]["hiradix_counters_delta"] = counter_delta(start_counters[name], end)
-        if "baseline" in outcomes:
-            base = outcomes["baseline"]
-            for name in names:
-                if name == "baseline":
-                    continue
-                pairs = [m.ttft / b.ttft for m, b in zip(outcomes[name], base, strict=True)
-                         if m.ok and b.ok and b.ttft > 0]  # fmt: skip
-                results[name]["paired_ttft_ratio_p50"] = pct(pairs, 0.5)
-                print(f"  {name}: median of per-request TTFT ratios to baseline "
-                      f"{pct(pairs, 0.5):.3f}", flush=True)  # fmt: skip
-    return results
+                out[name]["counters"] = counter_delta(start_counters[name], end)
+    return out
 
 
 def calibrate(server: SGLangServer, args: argparse.Namespace) -> list[dict[str, float]]:
@@ -645,18 +762,18 @@ def ratio(num: float, den: float) -> float:
 
 
 def ratios(results: dict[str, Any], section: str) -> dict[str, float]:
-    """hiradix / baseline for TTFT p50 and throughput; the unsuffixed key is the worse one."""
+    """Every server / baseline for TTFT p50 and throughput; the unsuffixed keys are the
+    worse of hiradix's (the A/A control ``baseline_b`` is reported, not counted)."""
     base = results["baseline"][section]
     out: dict[str, float] = {}
-    for name in HIRADIX:
+    for name, tag in TAGS.items():
         if name not in results:
             continue
-        tag = name.split("_", 1)[1]
         mine = results[name][section]
         out[f"ttft_p50_ratio_{tag}"] = ratio(mine["ttft_p50_s"], base["ttft_p50_s"])
         out[f"throughput_ratio_{tag}"] = ratio(mine["throughput_rps"], base["throughput_rps"])
-    ttft = [v for k, v in out.items() if k.startswith("ttft")]
-    thr = [v for k, v in out.items() if k.startswith("throughput")]
+    ttft = [v for k, v in out.items() if k.startswith("ttft") and not k.endswith("_aa")]
+    thr = [v for k, v in out.items() if k.startswith("throughput") and not k.endswith("_aa")]
     if ttft:
         out["ttft_p50_ratio"] = max(ttft)  # higher TTFT ratio is worse
         out["throughput_ratio"] = min(thr)  # lower throughput ratio is worse
@@ -667,7 +784,7 @@ def output_agreement(results: dict[str, Any]) -> dict[str, float]:
     """Share of requests whose greedy output equals the baseline's (same client and round)."""
     base = results["baseline"]["outputs"]
     agree = {}
-    for name in HIRADIX:
+    for name in TAGS:
         if name in results:
             mine = results[name]["outputs"]
             same = sum(1 for k, v in mine.items() if base.get(k) == v)
@@ -691,7 +808,7 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
         rows = [*results[name]["per_round"], {"round": ">=2", **results[name]["rounds_ge2"],
                                                **results[name].get("tiers_all_rounds", {})}]  # fmt: skip
         for row in rows:
-            l1 = row.get("l1_share", row.get("cached_share") if name == "baseline" else None)
+            l1 = row.get("l1_share", row.get("cached_share") if not is_hiradix(name) else None)
             print(f"{name:14} {row['round']!s:>3} {row.get('requests', 0):3d} {fmt(row.get('prompt_tokens_mean'), '.0f'):>7} "
                   f"{fmt(row.get('ttft_p50_s'), '.3f'):>9} {fmt(row.get('ttft_p90_s'), '.3f'):>9} "
                   f"{fmt(row.get('latency_p50_s')):>8} {fmt(row.get('latency_mean_s')):>8} {fmt(row.get('throughput_rps')):>6} "
@@ -704,10 +821,9 @@ def print_tables(results: dict[str, Any], args: argparse.Namespace) -> None:
           + f" {'>=2' if not args.no_reuse else 'all':>8}")  # fmt: skip
     section = "all_rounds" if args.no_reuse else "rounds_ge2"
     summary = ratios(results, section)
-    for name in HIRADIX:
+    for name, tag in TAGS.items():
         if name not in results:
             continue
-        tag = name.split("_", 1)[1]
         for metric, key in (("TTFT p50", "ttft_p50_s"), ("throughput", "throughput_rps")):
             cells = [
                 ratio(m[key], b[key])
@@ -823,6 +939,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interleave", action="store_true",
                    help="closed loop with every server up at once, each request sent to every "
                    "server in turn (the others stopped): ratios free of this machine's drift")  # fmt: skip
+    p.add_argument("--repeat", type=int, default=1,
+                   help="with --interleave: run it this many times, each with freshly started "
+                   "servers and fresh prompts, and pool the requests (one server process can be "
+                   "several percent faster or slower than another for its whole life)")  # fmt: skip
     p.add_argument("--keep-tmp", action="store_true", help="keep server logs and stores")
     p.add_argument("--seed", type=int, default=1)
     return p.parse_args(argv)
@@ -907,6 +1027,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.max_parallel < 1 or args.num_clients < 1 or args.num_rounds < 1:
         raise SystemExit("--max-parallel, --num-clients and --num-rounds must be >= 1")
+    if args.repeat < 1 or (args.repeat > 1 and not args.interleave):
+        raise SystemExit("--repeat needs --interleave and must be >= 1")
     if args.interleave and (args.max_parallel != 1 or args.request_rate != 0):
         raise SystemExit(
             "--interleave is a closed loop: it needs --max-parallel 1 --request-rate 0"

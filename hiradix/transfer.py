@@ -15,8 +15,11 @@ Orders:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +33,18 @@ logger = logging.getLogger(__name__)
 
 CopyDone = Callable[[bool], None]
 IoDone = Callable[[Any, BaseException | None], None]
+
+
+def _name_os_thread(name: str) -> None:
+    """Give the calling thread ``name`` (15 bytes at most) in the OS too, so ``top -H`` and
+    ``/proc/<pid>/task/*/comm`` show which threads are hiradix's (Linux; best effort)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 class TransferEngine:
@@ -80,7 +95,10 @@ class TransferEngine:
                 pool = self._io_pools.get(lane)
                 if pool is None:
                     pool = ThreadPoolExecutor(
-                        max_workers=self.io_workers, thread_name_prefix=f"hiradix-{lane}"
+                        max_workers=self.io_workers,
+                        thread_name_prefix=f"hiradix-{lane}",
+                        initializer=_name_os_thread,
+                        initargs=(f"hiradix-{lane}",),
                     )
                     self._io_pools[lane] = pool
         self._io_in_flight += 1

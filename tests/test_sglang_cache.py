@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import random
+import sys
+import threading
 from array import array
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -341,3 +344,24 @@ def test_arrival_events_reach_the_policy_without_a_store():
     assert idle_total(cache, pools) == pools.size
     quiet, _, _ = make_tiered(size=256, prefetch={"policy": "none"})
     assert not quiet.wants_storage_prefetch
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="OS thread names are read from Linux /proc"
+)
+def test_io_threads_carry_their_lane_name_in_the_os():
+    from hiradix.transfer import TransferEngine
+
+    engine = TransferEngine()
+    names: list[str] = []
+    try:
+        for lane in ("read", "write"):
+            engine.submit_io(
+                lambda: Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text(),
+                lambda result, error: names.append(result.strip()),
+                lane=lane,
+            )
+        engine.drain()
+    finally:
+        engine.shutdown()
+    assert sorted(names) == ["hiradix-read", "hiradix-write"]
