@@ -345,11 +345,17 @@ def pct(values: Sequence[float], q: float) -> float:
     return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
 
 
-def summarize(outcomes: list[Outcome]) -> dict[str, Any]:
+def summarize(outcomes: list[Outcome], *, busy: bool = False) -> dict[str, Any]:
+    """Per-request statistics; throughput is requests over the span from the first send
+    to the last completion, or with ``busy`` (one request at a time, as in
+    ``--interleave``) over the sum of the latencies: the server's busy time."""
     ok = [o for o in outcomes if o.ok]
     if not ok:
         return {"requests": 0, "failed": len(outcomes)}
-    span = max(o.sent + o.latency for o in ok) - min(o.sent for o in ok)
+    if busy:
+        span = sum(o.latency for o in ok)
+    else:
+        span = max(o.sent + o.latency for o in ok) - min(o.sent for o in ok)
     prompt = sum(o.prompt_tokens for o in ok)
     return {
         "requests": len(ok),
@@ -545,8 +551,9 @@ def run_interleaved(
         once = _interleaved_once(model, args, tmp / f"repeat{rep}", host_bytes, args.seed + rep)
         for name in names:
             mine, acc = once[name], pooled[name]
-            acc["outcomes"] += [replace(o, client=o.client + rep * args.num_clients)
-                                for o in mine["outcomes"]]  # fmt: skip
+            # one timeline per server: this repeat's busy clock continues the last one's
+            acc["outcomes"] += [replace(o, client=o.client + rep * args.num_clients,
+                                        sent=o.sent + acc["busy"]) for o in mine["outcomes"]]  # fmt: skip
             acc["busy"] += mine["busy"]
             acc["ready_s"].append(mine["ready_s"])
             for k, v in mine["threads"].items():
@@ -560,7 +567,9 @@ def run_interleaved(
             )
         if "baseline" in once:
             per_repeat.append(
-                ratios({n: {"all": summarize(once[n]["outcomes"])} for n in names}, "all")
+                ratios(
+                    {n: {"all": summarize(once[n]["outcomes"], busy=True)} for n in names}, "all"
+                )
             )
     for name in names:
         acc = pooled[name]
@@ -570,14 +579,14 @@ def run_interleaved(
         by_thread = dict(sorted(by_thread.items(), key=lambda kv: -kv[1]))
         print(f"  {name}: CPU ms per request {sum(by_thread.values()):.0f}: "
               + ", ".join(f"{k} {v:.1f}" for k, v in list(by_thread.items())[:8]), flush=True)  # fmt: skip
-        rounds = [{"round": r, **summarize([o for o in mine if o.round == r])}
+        rounds = [{"round": r, **summarize([o for o in mine if o.round == r], busy=True)}
                   for r in range(1, args.num_rounds + 1)]  # fmt: skip
         results[name].update({
             "ready_s": acc["ready_s"],
             "wall_s": acc["busy"],
             "per_round": rounds,
-            "rounds_ge2": summarize([o for o in mine if o.round >= 2]),
-            "all_rounds": summarize(mine),
+            "rounds_ge2": summarize([o for o in mine if o.round >= 2], busy=True),
+            "all_rounds": summarize(mine, busy=True),
             "failures": [o.error for o in mine if not o.ok][:5],
             "outputs": {f"{o.client}:{o.round}": o.output_ids for o in mine},
             "cpu_ms_per_request": by_thread,
