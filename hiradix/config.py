@@ -390,7 +390,9 @@ _FIELDS: tuple[_Field, ...] = (
        "never share pages.", lambda c: c.namespace),
     _F("host.size", 2.0, _P_HOST,
        "L2 host-memory tier. A float is a ratio of the L1 (GPU KV pool) bytes; an integer "
-       "or a string with a unit is bytes; 0 disables the tier.", lambda c: _dump_host(c.host)),
+       "or a string with a unit is bytes; 0 disables the tier. All of it is committed at "
+       "start (pinned on CUDA, faulted in by a background thread on CPU).",
+       lambda c: _dump_host(c.host)),
     _F("store.kind", "none", enum_parser(StoreKind),
        "L3 store.", lambda c: c.store.kind.value),
     _F("store.presence_ttl", "10s", duration_parser(),
