@@ -16,12 +16,12 @@ kernel's zeroing on the scheduler thread (measured: a 6 MB copy into never-used 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
-import sys
 import threading
 
 import torch
+
+from hiradix.linux import libc
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +34,10 @@ def populate(tensors: list[torch.Tensor], chunk_bytes: int = _POPULATE_CHUNK) ->
     """Fault in the pages behind ``tensors`` without changing their contents (safe while
     other threads write them). Returns False where the OS cannot (not Linux, a kernel
     before 5.14): the pages are then faulted in by their first use, as without this."""
-    if not sys.platform.startswith("linux"):
+    lib = libc()
+    if lib is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
-        return False
+    madvise = lib.madvise
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     madvise.restype = ctypes.c_int
     for tensor in tensors:

@@ -551,15 +551,13 @@ def run_interleaved(
         once = _interleaved_once(model, args, tmp / f"repeat{rep}", host_bytes, args.seed + rep)
         for name in names:
             mine, acc = once[name], pooled[name]
-            # one timeline per server: this repeat's busy clock continues the last one's
-            acc["outcomes"] += [replace(o, client=o.client + rep * args.num_clients,
-                                        sent=o.sent + acc["busy"]) for o in mine["outcomes"]]  # fmt: skip
+            acc["outcomes"] += [replace(o, client=o.client + rep * args.num_clients)
+                                for o in mine["outcomes"]]  # fmt: skip
             acc["busy"] += mine["busy"]
             acc["ready_s"].append(mine["ready_s"])
-            for k, v in mine["threads"].items():
-                acc["threads"][k] = acc["threads"].get(k, 0.0) + v
-            for k, v in mine.get("counters", {}).items():
-                acc["counters"][k] = acc["counters"].get(k, 0.0) + v
+            for key in ("threads", "counters"):
+                for k, v in mine.get(key, {}).items():
+                    acc[key][k] = acc[key].get(k, 0.0) + v
             results[name]["hiradix_config"] = mine["hiradix_config"]
             results[name]["cpu"] = mine["cpu"]
             results[name]["log_tracebacks"] = (
@@ -574,9 +572,9 @@ def run_interleaved(
     for name in names:
         acc = pooled[name]
         mine = acc["outcomes"]
-        by_thread = {k: round(1e3 * v / max(1, len(mine)), 2) for k, v in acc["threads"].items()
-                     if 1e3 * v / max(1, len(mine)) >= 0.1}  # fmt: skip
-        by_thread = dict(sorted(by_thread.items(), key=lambda kv: -kv[1]))
+        per_request = {k: 1e3 * v / max(1, len(mine)) for k, v in acc["threads"].items()}
+        by_thread = {k: round(v, 2) for k, v in sorted(per_request.items(), key=lambda kv: -kv[1])
+                     if v >= 0.1}  # fmt: skip
         print(f"  {name}: CPU ms per request {sum(by_thread.values()):.0f}: "
               + ", ".join(f"{k} {v:.1f}" for k, v in list(by_thread.items())[:8]), flush=True)  # fmt: skip
         rounds = [{"round": r, **summarize([o for o in mine if o.round == r], busy=True)}

@@ -67,23 +67,16 @@ class CostModel:
         if tokens > 0 and seconds > 0:
             self.prefill_tokens_per_s.add(tokens / seconds)
 
-    def _estimate(self, tokens: int, bytes_per_token: int) -> tuple[float, float] | None:
-        """(fetch seconds, recompute seconds) for ``tokens``, or None until both speeds
-        have been measured (a fetch is two round trips: the lookup and the read)."""
+    def decide(self, tokens: int, bytes_per_token: int) -> Decision:
+        """Fetch unless recomputing is measured to be faster (then one probe in
+        ``probe_every``). A fetch is two round trips: the lookup and the read."""
         prefill = self.prefill_tokens_per_s.value
         bandwidth = self.fetch_bytes_per_s.value
         if prefill is None or bandwidth is None or tokens <= 0:
-            return None
-        latency = self.fetch_latency_s.value or 0.0
-        return 2 * latency + tokens * bytes_per_token / bandwidth, tokens / prefill
-
-    def decide(self, tokens: int, bytes_per_token: int) -> Decision:
-        """Fetch unless recomputing is measured to be faster (then one probe in
-        ``probe_every``)."""
-        estimate = self._estimate(tokens, bytes_per_token)
-        if estimate is None:
             return Decision(True, 0.0, 0.0)
-        fetch_s, recompute_s = estimate
+        latency = self.fetch_latency_s.value or 0.0
+        fetch_s = 2 * latency + tokens * bytes_per_token / bandwidth
+        recompute_s = tokens / prefill
         fetch = fetch_s <= recompute_s * self.margin
         if not fetch:
             self._losing_streak += 1

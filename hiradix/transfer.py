@@ -15,11 +15,8 @@ Orders:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import queue
-import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,23 +25,12 @@ from typing import Any
 import torch
 
 from hiradix.kv_copy import CopyHandle, KvCopier
+from hiradix.linux import name_thread
 
 logger = logging.getLogger(__name__)
 
 CopyDone = Callable[[bool], None]
 IoDone = Callable[[Any, BaseException | None], None]
-
-
-def _name_os_thread(name: str) -> None:
-    """Give the calling thread ``name`` (15 bytes at most) in the OS too, so ``top -H`` and
-    ``/proc/<pid>/task/*/comm`` show which threads are hiradix's (Linux; best effort)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):
-        pass
 
 
 class TransferEngine:
@@ -97,7 +83,7 @@ class TransferEngine:
                     pool = ThreadPoolExecutor(
                         max_workers=self.io_workers,
                         thread_name_prefix=f"hiradix-{lane}",
-                        initializer=_name_os_thread,
+                        initializer=name_thread,
                         initargs=(f"hiradix-{lane}",),
                     )
                     self._io_pools[lane] = pool
