@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from hiradix.integration.sglang.model_builder import build_tiny_model
-from hiradix.integration.sglang.testbed import SGLangServer
+from hiradix.integration.testbed.model_builder import build_tiny_model
+from hiradix.integration.testbed.sglang_server import SGLangServer
 
 
 def _prompts(n: int, seed: int) -> list[list[int]]:

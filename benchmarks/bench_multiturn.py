@@ -25,7 +25,7 @@ Servers, started one at a time by this script on this machine, same model, same 
 * ``hiradix_l1``    (only when named in ``--servers``) L1 only: hiradix's tree as SGLang's cache
 * ``hiradix_slow``  (only when named in ``--servers``) ``hiradix_nvme`` whose store takes
   ``--slow-store-latency`` seconds longer per call (a slow Redis, a cold disk; the
-  testbed's :mod:`hiradix.integration.sglang.slow_store`). Run with ``hiradix_host`` (same
+  testbed's :mod:`hiradix.integration.testbed.slow_store`). Run with ``hiradix_host`` (same
   L1 and L2, no store: what recomputing costs) to see the cost model at work; the script
   then prints and writes ``slow_store_ttft_p50_over_recompute``.
 * ``baseline_b``    (only when named in ``--servers``) a second ``baseline``: the A/A
@@ -48,7 +48,7 @@ AMX Xeon. SGLang's CPU attention (``torch_native``) pads every extend query to t
 sequence, so as shipped a fully cached prompt still costs about half of a cold one, which
 no GPU backend does. ``--attention new_queries`` (default) starts every server, the
 baseline included, with the testbed's extend attention that computes only the new
-tokens' queries (:mod:`hiradix.integration.sglang.cpu_attention`); ``--attention sglang``
+tokens' queries (:mod:`hiradix.integration.testbed.cpu_attention`); ``--attention sglang``
 runs it as shipped. ``--calibrate`` (on by default) measures cold vs fully cached TTFT on
 the idle baseline server before the workload and reports both.
 
@@ -93,14 +93,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hiradix.integration.procs import RedisServer
-from hiradix.integration.sglang import cpu_attention, slow_store
-from hiradix.integration.sglang.model_builder import (
+from hiradix.integration.testbed import cpu_attention, slow_store
+from hiradix.integration.testbed.model_builder import (
     build_tiny_model,
     get_preset,
     kv_bytes_per_token,
 )
-from hiradix.integration.sglang.testbed import SGLangServer
+from hiradix.integration.testbed.redis_servers import RedisServer
+from hiradix.integration.testbed.sglang_server import SGLangServer
 
 logger = logging.getLogger(__name__)
 

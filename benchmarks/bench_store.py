@@ -34,7 +34,7 @@ from hiradix.backends.base import PageStore, StoreKey, make_key
 from hiradix.backends.memory_store import MemoryStore
 from hiradix.backends.nvme_store import NvmeStore
 from hiradix.backends.redis_store import RedisStore
-from hiradix.integration.procs import RedisServer
+from hiradix.integration.testbed.redis_servers import RedisServer
 
 from hiradix.codec import PageMeta, decode_page, encode_page
 from hiradix.config import RedisConfig, TlsConfig

@@ -38,7 +38,7 @@ BLOCK_TOKENS = 512  # one Mooncake hash id covers 512 prompt tokens
 # SGLANG-0.5.23.md section 6), and sglang's memory_pool imports torchvision at module
 # level: on a CPU-only venv the import-only stand-in serves, as in tests/conftest.py.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-_TORCHVISION_STANDIN = REPO_ROOT / "cpu_standins" / "torchvision_standin"
+_TORCHVISION_STANDIN = REPO_ROOT / "integration/testbed/cpu_standins/torchvision_standin"
 if importlib.util.find_spec("torchvision") is None and _TORCHVISION_STANDIN.is_dir():
     sys.path.insert(0, str(_TORCHVISION_STANDIN))
 

@@ -15,7 +15,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
-_STANDIN = Path(__file__).resolve().parent.parent / "cpu_standins" / "torchvision_standin"
+_REPO = Path(__file__).resolve().parent.parent
+_STANDIN = _REPO / "integration" / "testbed" / "cpu_standins" / "torchvision_standin"
 if importlib.util.find_spec("torchvision") is None and _STANDIN.is_dir():
     sys.path.insert(0, str(_STANDIN))
 
@@ -36,7 +37,7 @@ def sglang_context():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """The ``tiny`` random Llama preset with a locally trained tokenizer, built once."""
-    from hiradix.integration.sglang.model_builder import build_tiny_model
+    from hiradix.integration.testbed.model_builder import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", preset="tiny", seed=0)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hiradix.integration.sglang import cpu_attention
+from hiradix.integration.testbed import cpu_attention
 
 
 def _batch(prefixes: list[int], news: list[int], heads: int, kv_heads: int, dim: int = 16):

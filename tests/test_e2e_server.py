@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from hiradix.integration.procs import RedisServer
-from hiradix.integration.sglang.testbed import SGLangServer
+from hiradix.integration.testbed.redis_servers import RedisServer
+from hiradix.integration.testbed.sglang_server import SGLangServer
 
 pytestmark = pytest.mark.e2e
 
@@ -245,7 +245,7 @@ def test_custom_policy_from_config_runs_in_the_scheduler(tiny_model, reference, 
     examples/) is loaded by every scheduler process and its callbacks run there."""
     import os
 
-    from hiradix.integration.sglang.testbed import needed_standin_dirs
+    from hiradix.integration.testbed.sglang_server import needed_standin_dirs
 
     examples = Path(__file__).resolve().parent.parent / "examples"
     text = (

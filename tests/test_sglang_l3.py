@@ -8,8 +8,8 @@ import time
 
 import pytest
 from hiradix.backends.faults import FaultyStore
-from hiradix.integration.procs import RedisServer
 from hiradix.integration.sglang.cache import HiRadixCache
+from hiradix.integration.testbed.redis_servers import RedisServer
 from sglang_sim import Scheduler, SimReq, idle_total, make_pools
 
 from hiradix.config import parse_config

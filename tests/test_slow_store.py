@@ -8,7 +8,7 @@ import time
 import pytest
 from hiradix.backends import registry
 from hiradix.backends.faults import FaultyStore
-from hiradix.integration.sglang import slow_store
+from hiradix.integration.testbed import slow_store
 
 from hiradix.config import parse_config
 

@@ -10,8 +10,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from hiradix.integration.sglang.model_builder import build_tiny_model, kv_bytes_per_token
-from hiradix.integration.sglang.testbed import SGLangServer, cpu_server_env, needed_standin_dirs
+from hiradix.integration.testbed.model_builder import build_tiny_model, kv_bytes_per_token
+from hiradix.integration.testbed.sglang_server import (
+    SGLangServer,
+    cpu_server_env,
+    needed_standin_dirs,
+)
 
 
 @pytest.fixture(scope="session")

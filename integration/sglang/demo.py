@@ -4,7 +4,7 @@ the numbers that show the tiers working, next to SGLang's own cache with the sam
 The device pool (L1) is deliberately small, so that the users' conversations do not fit in
 it: with SGLang's own cache older turns are evicted and recomputed; with hiradix they come
 back from host memory (L2) or from the NVMe store (L3). Both servers run the testbed's
-CPU extend attention (:mod:`hiradix.integration.sglang.cpu_attention`), which computes
+CPU extend attention (:mod:`hiradix.integration.testbed.cpu_attention`), which computes
 only the new tokens' queries as GPU backends do, so TTFT shows what caching saves.
 """
 
@@ -81,9 +81,9 @@ def _print_table(title: str, stats: Sequence[TurnStats], base: Sequence[TurnStat
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from hiradix.integration.sglang import cpu_attention
-    from hiradix.integration.sglang.model_builder import build_tiny_model
-    from hiradix.integration.sglang.testbed import SGLangServer
+    from hiradix.integration.testbed import cpu_attention
+    from hiradix.integration.testbed.model_builder import build_tiny_model
+    from hiradix.integration.testbed.sglang_server import SGLangServer
 
     from hiradix.config import default_config_path
 

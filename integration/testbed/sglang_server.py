@@ -47,10 +47,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-#: Repository root (this file is ``integration/sglang/testbed.py``); stand-ins live in
-#: ``<root>/cpu_standins``. ``HIRADIX_CPU_STANDINS_DIR`` overrides it for installs
-#: that are not a checkout.
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Stand-ins live beside this file in ``cpu_standins/`` (a checkout; they are never
+#: installed). ``HIRADIX_CPU_STANDINS_DIR`` overrides it for installs that are not a checkout.
+_STANDINS_DIR = Path(__file__).resolve().parent / "cpu_standins"
 
 #: module name -> directory (under cpu_standins/) that holds its import-only stand-in.
 STANDINS: dict[str, str] = {
@@ -82,7 +81,7 @@ class GenerateResult:
 
 def standins_root() -> Path:
     """Directory that holds the stand-in directories (see ``cpu_standins/README.md``)."""
-    return Path(os.environ.get("HIRADIX_CPU_STANDINS_DIR", _REPO_ROOT / "cpu_standins"))
+    return Path(os.environ.get("HIRADIX_CPU_STANDINS_DIR", _STANDINS_DIR))
 
 
 def needed_standin_dirs() -> list[Path]:
@@ -103,7 +102,7 @@ def needed_standin_dirs() -> list[Path]:
         if not (standin / module / "__init__.py").is_file():
             raise FileNotFoundError(
                 f"{module} is not installed and its CPU stand-in {standin} is missing; "
-                "set HIRADIX_CPU_STANDINS_DIR to the checkout's cpu_standins/"
+                "set HIRADIX_CPU_STANDINS_DIR to the checkout's integration/testbed/cpu_standins/"
             )
         needed.append(standin)
     return needed
