@@ -10,6 +10,12 @@ States::
     open --(backoff elapsed; allow() lets ONE probe through)--> half_open
     half_open --(probe succeeds)--> closed      (backoff resets)
     half_open --(probe fails)--> open           (backoff doubles, up to max_backoff)
+    half_open --(no outcome within the backoff)--> half_open, with a new probe
+
+The probe is a lease, not a promise: a caller may take it and then find it has no IO
+to do (nothing to write, a page known absent) and report nothing. Without the lease
+every later ``allow()`` would answer False and the store would never be tried again;
+with it, an unreported probe is replaced after the current retry interval.
 
 Pure bookkeeping: no threads, no IO, no locks; time comes from the injected ``clock``.
 The transfer engine calls it from its worker threads under its own lock.
@@ -61,6 +67,7 @@ class CircuitBreaker:
         self._consecutive = 0
         self._backoff = base_backoff
         self._reopen_at = 0.0
+        self._probe_expires_at = 0.0
         self.failures = 0
         self.opens = 0
         self.short_circuited = 0
@@ -75,11 +82,22 @@ class CircuitBreaker:
         return self._reopen_at if self._state is BreakerState.OPEN else None
 
     def allow(self) -> bool:
-        """May the caller use the store now? In half_open only one probe is let through."""
+        """May the caller use the store now?
+
+        In half_open one probe is let through per retry interval: a probe whose outcome
+        is not recorded within the current backoff is assumed unused and a new one is
+        handed out (see the module docstring).
+        """
         if self._state is BreakerState.CLOSED:
             return True
-        if self._state is BreakerState.OPEN and self._clock() >= self._reopen_at:
+        now = self._clock()
+        if self._state is BreakerState.OPEN and now >= self._reopen_at:
             self._state = BreakerState.HALF_OPEN
+            self._probe_expires_at = now + self._backoff
+            return True
+        if self._state is BreakerState.HALF_OPEN and now >= self._probe_expires_at:
+            logger.debug("L3 store probe went unreported for %.1fs; probing again", self._backoff)
+            self._probe_expires_at = now + self._backoff
             return True
         self.short_circuited += 1
         return False

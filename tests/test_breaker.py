@@ -98,3 +98,43 @@ def test_logs_once_per_state_change(caplog: pytest.LogCaptureFixture) -> None:
 def test_bad_arguments(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         CircuitBreaker(**kwargs)  # type: ignore[arg-type]
+
+
+def test_unused_half_open_probe_expires_so_the_store_can_recover() -> None:
+    """Issue 16 item 9: a caller may take the probe and do no IO (nothing to write, the
+    page known absent). The probe's lease runs out after the retry interval and the next
+    caller gets a new probe, instead of allow() answering False forever."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=3, base_backoff=1.0, max_backoff=30.0, clock=clock)
+    for _ in range(3):
+        breaker.record_failure()
+    clock.now += 1.0
+    assert breaker.allow()  # the probe, taken and never reported
+    assert not breaker.allow()  # one probe at a time while its lease runs
+    clock.now += 0.5
+    assert not breaker.allow()
+    clock.now += 1000.0
+    assert breaker.allow()  # the lease expired: a new probe
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert not breaker.allow()
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED and breaker.allow()
+
+
+def test_expired_probe_lease_follows_the_backoff() -> None:
+    """The lease is the current retry interval: after failed probes doubled the backoff
+    to 4s, an unused probe blocks others for 4s, not for the base interval."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=1, base_backoff=1.0, max_backoff=8.0, clock=clock)
+    breaker.record_failure()
+    for _ in range(2):  # two failed probes: backoff 1 -> 2 -> 4
+        clock.now = breaker.retry_at or clock.now
+        assert breaker.allow()
+        breaker.record_failure()
+    clock.now = breaker.retry_at or clock.now
+    assert breaker.allow()  # unused probe
+    clock.now += 3.9
+    assert not breaker.allow()
+    clock.now += 0.1
+    assert breaker.allow()
+    assert breaker.failures == 3  # an expired lease is not a failure
