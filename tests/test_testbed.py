@@ -50,6 +50,57 @@ def test_standins_import_and_raise_when_called() -> None:
         assert "sgl_kernel stand-in: copy_all_layer_kv_cache_cpu called" in out.stdout
 
 
+def test_the_product_declares_no_testbed_plugin() -> None:
+    """An installed hiradix adds one SGLang plugin, its own (issue 13)."""
+    from importlib.metadata import entry_points
+
+    assert sorted(ep.name for ep in entry_points(group="sglang.srt.plugins")) == ["hiradix"]
+
+
+_SPAWN_PROBE = """
+import multiprocessing
+
+
+def scheduler_like(queue):
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    from hiradix.integration.testbed import cpu_attention, slow_store
+
+    queue.put((cpu_attention._registered, slow_store._registered))
+
+
+if __name__ == "__main__":
+    from importlib.metadata import entry_points
+
+    print(sorted(ep.name for ep in entry_points(group="sglang.srt.plugins")))
+    context = multiprocessing.get_context("spawn")  # as SGLang starts its schedulers
+    queue = context.Queue()
+    child = context.Process(target=scheduler_like, args=(queue,))
+    child.start()
+    print(queue.get(timeout=240))
+    child.join(timeout=60)
+"""
+
+
+def test_testbed_patches_reach_spawned_processes_of_servers_it_starts(tmp_path: Path) -> None:
+    """With the testbed's environment, SGLang's plugin loader finds the testbed's entry
+    points in a spawned child (a scheduler is one) and their variables switch them on."""
+    from hiradix.integration.testbed import cpu_attention, slow_store
+
+    probe = tmp_path / "probe.py"
+    probe.write_text(_SPAWN_PROBE)
+    env = cpu_server_env({cpu_attention.ENV: cpu_attention.MODE, slow_store.ENV: "0.01"})
+    out = subprocess.run(
+        [sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    names, registered = out.stdout.strip().splitlines()[-2:]
+    assert names == "['hiradix', 'hiradix_cpu_attention', 'hiradix_slow_store']"
+    assert registered == "(True, True)", out.stderr[-3000:]
+
+
 def test_kv_bytes_per_token() -> None:
     assert kv_bytes_per_token("tiny") == 2 * 2 * 2 * 16 * 4
     with pytest.raises(ValueError, match="valid"):

@@ -13,8 +13,9 @@ not handle, such as sliding windows and encoder-decoder attention, goes to SGLan
 code). Rows are independent in softmax attention, so the result is the same attention,
 up to floating-point summation order.
 
-Registered through its own entry point (``hiradix_cpu_attention``); without the
-environment variable it does nothing, and ``--enable-hiradix`` never depends on it.
+The testbed's entry point ``hiradix_cpu_attention`` registers it, in servers started by
+:mod:`.sglang_server` only (an installed hiradix declares no such entry point); without
+the environment variable it does nothing, and ``--enable-hiradix`` never depends on it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ _registered = False
 
 
 def register() -> None:
-    """Entry point (every SGLang process): install the hook when the variable asks."""
+    """Entry point (every process of a testbed server): install the hook if the variable asks."""
     global _registered
     mode = os.environ.get(ENV, "")
     if _registered or not mode:

@@ -5,6 +5,14 @@ in its own process group (launcher, ``sglang::scheduler`` and ``sglang::detokeni
 with the environment from :func:`cpu_server_env`. Requests go over HTTP
 (``/generate`` with ``input_ids``, greedy), so a test sees exactly what a client sees.
 
+The testbed's patches (:mod:`.cpu_attention`, :mod:`.slow_store`) reach only the servers
+started here: :func:`cpu_server_env` puts ``sglang_plugins/`` first on ``PYTHONPATH``, a
+directory holding nothing but a ``hiradix_testbed-0.dist-info`` whose entry points join
+the ``sglang.srt.plugins`` group. SGLang's ``load_plugins()`` then runs them in the
+launcher, in each spawned scheduler and in the detokenizer (children inherit the
+environment), exactly as it runs hiradix's own plugin; an installed hiradix declares no
+entry point but its own, so a user's server never imports them.
+
 Typical use::
 
     model = build_tiny_model(tmp / "tiny")
@@ -50,6 +58,10 @@ logger = logging.getLogger(__name__)
 #: Stand-ins live beside this file in ``cpu_standins/`` (a checkout; they are never
 #: installed). ``HIRADIX_CPU_STANDINS_DIR`` overrides it for installs that are not a checkout.
 _STANDINS_DIR = Path(__file__).resolve().parent / "cpu_standins"
+
+#: On ``PYTHONPATH`` of every server the testbed starts: its ``*.dist-info`` declares the
+#: testbed's ``sglang.srt.plugins`` entry points (each a no-op without its variable).
+PLUGINS_DIR = Path(__file__).resolve().parent / "sglang_plugins"
 
 #: module name -> directory (under cpu_standins/) that holds its import-only stand-in.
 STANDINS: dict[str, str] = {
@@ -113,7 +125,8 @@ def cpu_server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
     Sets ``SGLANG_USE_CPU_ENGINE=1`` (else sglang takes the CUDA path), offline hub
     flags, hides GPUs, and prepends only the needed stand-in dirs to ``PYTHONPATH``.
-    ``extra`` is applied last and wins.
+    ``extra`` is applied last and wins, except that :data:`PLUGINS_DIR` is put first on
+    whatever ``PYTHONPATH`` results (the testbed's patches load only through it).
     """
     env = dict(os.environ)
     env.update(
@@ -134,6 +147,8 @@ def cpu_server_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         env["PYTHONPATH"] = os.pathsep.join(paths)
     if extra:
         env.update(extra)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(PLUGINS_DIR), *paths])
     return env
 
 

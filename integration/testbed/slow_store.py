@@ -7,8 +7,9 @@ store call (lookups, reads and writes). ``benchmarks/bench_multiturn.py`` uses i
 ``hiradix_slow`` server, which shows the cost model at work: hiradix measures the store
 and recomputes instead of waiting on it, so TTFT stays with recomputing's.
 
-Registered through its own entry point (``hiradix_slow_store``); without the variable it
-does nothing, and ``--enable-hiradix`` never depends on it.
+The testbed's entry point ``hiradix_slow_store`` registers it, in servers started by
+:mod:`.sglang_server` only (an installed hiradix declares no such entry point); without
+the variable it does nothing, and ``--enable-hiradix`` never depends on it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def latency_from_env() -> float | None:
 
 
 def register() -> None:
-    """Entry point (every SGLang process): wrap the store factory when the variable asks."""
+    """Entry point (every process of a testbed server): wrap the store factory if asked."""
     global _registered
     latency = latency_from_env()
     if _registered or latency is None:
