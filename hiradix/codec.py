@@ -24,9 +24,14 @@ Layout (all integers little-endian)::
     60     8*n  shape            n = ndim, unsigned 64-bit each
     ..     L    layout           ascii
     ..     K    page key
-    ..     ...  extension area   empty in version 1; a v1 reader skips it
+    ..     ...  extension area   records (below); empty unless the page is signed
     h-8    8    header digest    XXH3-64 of bytes [0, h-8)
     h      ...  payload
+
+Extension records are ``type`` (1 byte), ``length`` (1 byte), ``value``; a reader skips
+types it does not know, so adding one needs no new format version. Type 1 is the page
+MAC: a keyed BLAKE2b-256 over header bytes [0, start of the MAC value) followed by the
+stored payload; it must be the last record. Readers without a key ignore it.
 
 XXH3-64 is a non-cryptographic 64-bit hash: it catches torn, truncated, flipped or
 misplaced bytes (the threat here; a page cannot claim another page's identity because
@@ -38,6 +43,15 @@ which has no expected metadata to compare against; the raw checksum covers the p
 end to end. A compressed payload also carries a CRC32 of the stored bytes: it rejects
 a damaged frame before decompressing it, including flips in bits that zstd ignores.
 
+Checksums and digests are public functions: anyone able to write the store can build
+a page that passes them for any namespace and page key. The optional MAC (``mac_key``
+on every function here) closes that: with a key, a page without a valid MAC is corrupt.
+
+Sizes a page declares are bounded before anything is allocated for them: the raw
+length must match the shape (compared with the expected shape on decode, bounded by
+``max_raw_bytes`` when verifying without one) and a zstd frame must declare exactly
+that many bytes (zstd otherwise sizes its output from the frame, not from a limit).
+
 The zstd codec first splits the values into byte planes (all most-significant bytes,
 then the next, ...): the exponent bytes of fp16/bf16 KV are highly repetitive while
 the mantissa bytes are noise, and separating them roughly doubles what zstd finds.
@@ -46,6 +60,7 @@ the mantissa bytes are noise, and separating them roughly doubles what zstd find
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import math
 import struct
@@ -66,7 +81,9 @@ __all__ = [
     "CODECS",
     "DTYPE_SIZES",
     "FORMAT_VERSION",
+    "MAC_KEY_BYTES",
     "MAGIC",
+    "MAX_VERIFY_RAW_BYTES",
     "PageMeta",
     "codec_name",
     "decode_page",
@@ -87,6 +104,15 @@ _DIGEST_BYTES: Final = 8
 _MAX_KEY_BYTES: Final = 0xFFFF
 _MAX_LAYOUT_BYTES: Final = 0xFF
 _MAX_NDIM: Final = 0xFF
+
+_EXT_MAC: Final = 1  # extension record type of the page MAC
+_MAC_BYTES: Final = 32
+_MAC_PERSON: Final = b"hiradix-page-mac"  # BLAKE2b personalization (16 bytes)
+_MAC_RECORD: Final = bytes((_EXT_MAC, _MAC_BYTES))
+#: (shortest, longest) MAC key in bytes: a BLAKE2b key is at most 64 bytes.
+MAC_KEY_BYTES: Final = (16, 64)
+#: The most raw bytes :func:`verify_page` accepts from a page when no bound is given.
+MAX_VERIFY_RAW_BYTES: Final = 1 << 30
 
 #: dtype name -> (code, element size in bytes). Codes are part of the on-disk format:
 #: append only, never renumber.
@@ -166,6 +192,19 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dec
 
 
+def _check_mac_key(mac_key: bytes | None) -> None:
+    low, high = MAC_KEY_BYTES
+    if mac_key is not None and not low <= len(mac_key) <= high:
+        raise ValueError(f"mac_key must be {low} to {high} bytes, got {len(mac_key)}")
+
+
+def _mac(mac_key: bytes, covered_header: bytes | memoryview, payload: bytes | memoryview) -> bytes:
+    mac = hashlib.blake2b(key=mac_key, digest_size=_MAC_BYTES, person=_MAC_PERSON)
+    mac.update(covered_header)
+    mac.update(payload)
+    return mac.digest()
+
+
 def _checksum(data: bytes | memoryview, version: int = FORMAT_VERSION) -> bytes:
     if version == 1:
         return hashlib.blake2b(data, digest_size=_DIGEST_BYTES).digest()
@@ -208,9 +247,15 @@ def encode_page(
     meta: PageMeta,
     codec: str = "none",
     level: int = 3,
+    *,
+    mac_key: bytes | None = None,
 ) -> bytes:
-    """Frame one page. ``raw`` must be exactly ``meta.nbytes`` long (``ValueError`` if not)."""
+    """Frame one page. ``raw`` must be exactly ``meta.nbytes`` long (``ValueError`` if not).
+
+    With ``mac_key`` (16 to 64 bytes) the page carries a MAC over its header and payload.
+    """
     name = codec_name(codec)
+    _check_mac_key(mac_key)
     view = _as_bytes_view(raw)
     if view.nbytes != meta.nbytes:
         raise ValueError(
@@ -225,33 +270,41 @@ def encode_page(
     else:
         payload, payload_crc = view, 0
     header = _pack_header(
-        meta, CODECS[name], view.nbytes, len(payload), _checksum(view), payload_crc
+        meta, CODECS[name], view.nbytes, payload, _checksum(view), payload_crc, mac_key
     )
     return b"".join((header, payload))
 
 
-def _header_len(meta: PageMeta) -> int:
-    return _FIXED.size + 8 * len(meta.shape) + len(meta.layout) + len(meta.page_key) + _DIGEST_BYTES
+def _header_len(meta: PageMeta, signed: bool = False) -> int:
+    fields = _FIXED.size + 8 * len(meta.shape) + len(meta.layout) + len(meta.page_key)
+    return fields + (len(_MAC_RECORD) + _MAC_BYTES if signed else 0) + _DIGEST_BYTES
 
 
-def raw_frame(meta: PageMeta) -> tuple[np.ndarray, np.ndarray]:
+def raw_frame(meta: PageMeta, *, mac_key: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
     """An unfilled uncompressed page: ``(frame, payload)``, both uint8 arrays, ``payload``
     being the frame's last ``meta.nbytes`` bytes. Write the raw page into ``payload`` and
-    call :func:`seal_raw_frame`: the page is framed with one copy of the KV and no
-    zero-fill (what :func:`encode_page` with ``codec="none"`` returns, byte for byte)."""
-    header_len = _header_len(meta)
+    call :func:`seal_raw_frame` (with the same ``mac_key``): the page is framed with one
+    copy of the KV and no zero-fill (what :func:`encode_page` with ``codec="none"``
+    returns, byte for byte)."""
+    _check_mac_key(mac_key)
+    header_len = _header_len(meta, mac_key is not None)
     frame = np.empty(header_len + meta.nbytes, dtype=np.uint8)
     return frame, frame[header_len:]
 
 
-def seal_raw_frame(frame: np.ndarray, meta: PageMeta) -> memoryview:
+def seal_raw_frame(
+    frame: np.ndarray, meta: PageMeta, *, mac_key: bytes | None = None
+) -> memoryview:
     """Write the header of a filled :func:`raw_frame`; returns the page's bytes (a view
     of ``frame``)."""
+    _check_mac_key(mac_key)
     header_len = frame.nbytes - meta.nbytes
-    if header_len != _header_len(meta):
+    if header_len != _header_len(meta, mac_key is not None):
         raise ValueError(f"frame of {frame.nbytes} bytes is not a raw frame for {meta}")
     payload = frame[header_len:].data
-    header = _pack_header(meta, CODECS["none"], meta.nbytes, meta.nbytes, _checksum(payload), 0)
+    header = _pack_header(
+        meta, CODECS["none"], meta.nbytes, payload, _checksum(payload), 0, mac_key
+    )
     frame[:header_len] = np.frombuffer(header, dtype=np.uint8)
     return frame.data
 
@@ -260,13 +313,15 @@ def _pack_header(
     meta: PageMeta,
     codec_id: int,
     raw_len: int,
-    payload_len: int,
+    payload: bytes | memoryview,
     checksum: bytes,
     payload_crc: int,
+    mac_key: bytes | None,
 ) -> bytes:
     layout = meta.layout.encode("ascii")
     ndim = len(meta.shape)
-    header_len = _header_len(meta)
+    header_len = _header_len(meta, mac_key is not None)
+    payload_len = memoryview(payload).nbytes
     body = b"".join(
         (
             _FIXED.pack(
@@ -290,6 +345,9 @@ def _pack_header(
             bytes(meta.page_key),
         )
     )
+    if mac_key is not None:
+        body += _MAC_RECORD
+        body += _mac(mac_key, body, payload)
     return body + _checksum(body)
 
 
@@ -303,6 +361,27 @@ class _Header:
     payload_crc: int
     header_len: int
     version: int
+    #: (header bytes the MAC covers, the MAC) when the page is signed
+    mac: tuple[int, bytes] | None
+
+
+def _parse_extensions(view: memoryview, start: int, end: int) -> tuple[int, bytes] | None:
+    """The MAC record of the extension area ``view[start:end]``, if any."""
+    pos = start
+    mac = None
+    while pos < end:
+        if pos + 2 > end:
+            raise CorruptPage("truncated extension record")
+        kind, length = view[pos], view[pos + 1]
+        value_at = pos + 2
+        if value_at + length > end:
+            raise CorruptPage(f"extension record of {length} bytes overruns the header")
+        if kind == _EXT_MAC:
+            if length != _MAC_BYTES or value_at + length != end:
+                raise CorruptPage("malformed MAC record")
+            mac = (value_at, bytes(view[value_at:end]))
+        pos = value_at + length
+    return mac
 
 
 def _parse_header(blob: bytes | bytearray | memoryview) -> _Header:
@@ -334,6 +413,7 @@ def _parse_header(blob: bytes | bytearray | memoryview) -> _Header:
     layout = bytes(view[pos : pos + layout_len])
     pos += layout_len
     page_key = bytes(view[pos : pos + key_len])
+    mac = _parse_extensions(view, pos + key_len, digest_at)
     try:
         meta = PageMeta(
             dtype=_DTYPE_BY_CODE[dtype_code],
@@ -351,11 +431,29 @@ def _parse_header(blob: bytes | bytearray | memoryview) -> _Header:
     if codec_id == CODECS["none"] and payload_len != raw_len:
         raise CorruptPage(f"raw payload length {payload_len} != raw length {raw_len}")
     return _Header(
-        meta, codec_id, raw_len, payload_len, bytes(checksum), payload_crc, header_len, version
-    )
+        meta, codec_id, raw_len, payload_len, bytes(checksum), payload_crc, header_len, version,
+        mac,
+    )  # fmt: skip
 
 
-def _decode_payload(view: memoryview, header: _Header) -> bytes | memoryview:
+def _check_mac(view: memoryview, header: _Header, mac_key: bytes) -> None:
+    if header.mac is None:
+        raise CorruptPage("page has no MAC but a MAC key is configured")
+    covered, mac = header.mac
+    expected = _mac(mac_key, view[:covered], view[header.header_len :])
+    if not hmac.compare_digest(expected, mac):
+        raise CorruptPage("MAC mismatch (forged, or written with another key)")
+
+
+def _decode_payload(
+    view: memoryview, header: _Header, mac_key: bytes | None, max_raw_bytes: int | None = None
+) -> bytes | memoryview:
+    if max_raw_bytes is not None and header.raw_len > max_raw_bytes:
+        raise CorruptPage(
+            f"page claims {header.raw_len} raw bytes, more than the bound {max_raw_bytes}"
+        )
+    if mac_key is not None:  # before anything else reads the payload
+        _check_mac(view, header, mac_key)
     payload = view[header.header_len :]
     raw: bytes | memoryview
     if header.codec_id == CODECS["none"]:
@@ -363,6 +461,7 @@ def _decode_payload(view: memoryview, header: _Header) -> bytes | memoryview:
     else:
         if zlib.crc32(payload) != header.payload_crc:
             raise CorruptPage("compressed payload crc32 mismatch")
+        _check_frame_size(payload, header.raw_len)
         try:
             planes = _decompressor().decompress(payload, max_output_size=header.raw_len)
         except zstandard.ZstdError as exc:
@@ -375,13 +474,32 @@ def _decode_payload(view: memoryview, header: _Header) -> bytes | memoryview:
     return raw
 
 
-def decode_page(blob: bytes | bytearray | memoryview, expect: PageMeta) -> bytes | memoryview:
+def _check_frame_size(payload: memoryview, raw_len: int) -> None:
+    """The zstd frame must declare exactly ``raw_len`` bytes: zstd sizes its output from
+    the frame header (``max_output_size`` is ignored when the frame declares a size, and
+    allocated up front when it does not), so a small frame could demand gigabytes."""
+    try:
+        declared = zstandard.frame_content_size(payload)
+    except zstandard.ZstdError as exc:
+        raise CorruptPage(f"zstd frame header: {exc}") from exc
+    if declared == -1:
+        raise CorruptPage("zstd frame does not declare its content size")
+    if declared != raw_len:
+        raise CorruptPage(f"zstd frame declares {declared} bytes, the header {raw_len}")
+
+
+def decode_page(
+    blob: bytes | bytearray | memoryview, expect: PageMeta, *, mac_key: bytes | None = None
+) -> bytes | memoryview:
     """Verify ``blob`` against ``expect`` and return the raw page bytes: for a raw
     (``none``) page a view into ``blob`` (no copy; valid while ``blob`` is), else bytes.
 
     Raises :class:`CorruptPage` naming the first field that does not match (magic,
-    version, codec, dtype, layout, shape, namespace, page key, length, checksum).
+    version, codec, dtype, layout, shape, namespace, page key, length, MAC, checksum).
+    With ``mac_key``, a page without a MAC made with that key is corrupt; without one,
+    a page's MAC is not checked.
     """
+    _check_mac_key(mac_key)
     header = _parse_header(blob)
     got = header.meta
     for field in ("namespace", "page_key", "dtype", "layout", "shape"):
@@ -390,21 +508,30 @@ def decode_page(blob: bytes | bytearray | memoryview, expect: PageMeta) -> bytes
                 f"{field} mismatch: page has {getattr(got, field)!r}, "
                 f"expected {getattr(expect, field)!r}"
             )
-    return _decode_payload(memoryview(blob), header)
+    # raw_len == expect.nbytes now: the caller's expectation bounds every allocation.
+    return _decode_payload(memoryview(blob), header, mac_key)
 
 
 def inspect_page(blob: bytes | memoryview) -> PageMeta:
-    """Read and verify the header only (cheap); raises :class:`CorruptPage`."""
+    """Read and verify the header only (cheap; not the MAC); raises :class:`CorruptPage`."""
     return _parse_header(blob).meta
 
 
-def verify_page(blob: bytes | memoryview) -> PageMeta:
-    """Fully verify a page without knowing what to expect (header, payload, checksum).
+def verify_page(
+    blob: bytes | memoryview,
+    *,
+    mac_key: bytes | None = None,
+    max_raw_bytes: int = MAX_VERIFY_RAW_BYTES,
+) -> PageMeta:
+    """Fully verify a page without knowing what to expect (header, MAC when ``mac_key``
+    is given, payload, checksum). A page claiming more than ``max_raw_bytes`` raw bytes
+    is refused before it is decompressed.
 
     Used by ``hiradix store verify``; raises :class:`CorruptPage`.
     """
+    _check_mac_key(mac_key)
     header = _parse_header(blob)
-    _decode_payload(memoryview(blob), header)
+    _decode_payload(memoryview(blob), header, mac_key, max_raw_bytes)
     return header.meta
 
 

@@ -233,3 +233,172 @@ def test_raw_frame_is_encode_page_byte_for_byte(dtype: str) -> None:
     other = meta_for(dtype, raw.nbytes * 2)
     with pytest.raises(ValueError, match="not a raw frame"):
         seal_raw_frame(frame, other)
+
+
+# --------------------------------------------------------------------------- hostile pages
+# Issue 16 item 2: every size a page declares is checked before anything is allocated
+# for it, and item 6: an optional keyed MAC that a forger without the key cannot make.
+
+
+def _reframe(blob: bytes, payload: bytes, raw_len: int | None = None) -> bytes:
+    """``blob`` (a zstd page) with its payload replaced by ``payload`` and a header that
+    is internally consistent again (payload length, payload crc32, header digest): what
+    someone able to write the store can produce without any key."""
+    import zlib
+
+    import xxhash
+
+    header_len = int.from_bytes(blob[8:12], "little")
+    body = bytearray(blob[: header_len - 8])
+    if raw_len is not None:
+        body[12:20] = raw_len.to_bytes(8, "little")
+    body[20:28] = len(payload).to_bytes(8, "little")
+    body[36:40] = zlib.crc32(payload).to_bytes(4, "little")
+    return bytes(body) + xxhash.xxh3_64_digest(bytes(body)) + payload
+
+
+def _peak_bytes(call: object) -> int:
+    """Peak Python heap growth while running ``call()`` (which must raise CorruptPage)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        with pytest.raises(CorruptPage) as info:
+            call()  # type: ignore[operator]
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    logger.info("rejected with %r after a peak of %d bytes", str(info.value), peak)
+    return peak
+
+
+def test_zstd_bomb_declared_size_is_checked_before_decompressing() -> None:
+    """A 16 KiB page whose zstd frame declares 64 MiB: rejected without allocating the
+    64 MiB (zstd's max_output_size is ignored when the frame states its own size)."""
+    import zstandard
+
+    raw = kv_like(8192).tobytes()  # 16 KiB
+    meta = meta_for("bfloat16", len(raw))
+    blob = encode_page(raw, meta, codec="zstd")
+    bomb = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(64 << 20))
+    assert len(bomb) < 16 << 10 and zstandard.frame_content_size(bomb) == 64 << 20
+    evil = _reframe(blob, bomb)
+    assert inspect_page(evil) == meta  # the header alone is fine
+    assert _peak_bytes(lambda: decode_page(evil, meta)) < 4 << 20
+    assert _peak_bytes(lambda: verify_page(evil)) < 4 << 20
+    with pytest.raises(CorruptPage, match="declares 67108864"):
+        decode_page(evil, meta)
+
+
+def test_zstd_frame_without_declared_size_is_refused() -> None:
+    """hiradix always writes the content size; a frame without it would make zstd
+    allocate whatever raw length the header claims (here 256 MiB) up front."""
+    import zstandard
+
+    claimed = 256 << 20
+    meta = PageMeta("uint8", "layer_kv_token_head_dim", (claimed,), NS, KEY)
+    blob = encode_page(bytes(16), meta_for("uint8", 16), codec="zstd")
+    frame = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(1024))
+    assert zstandard.frame_content_size(frame) == -1
+    header_len = int.from_bytes(blob[8:12], "little")
+    body = bytearray(blob[: header_len - 8])
+    body[60:68] = claimed.to_bytes(8, "little")  # shape[0]: the header claims 256 MiB
+    evil = _reframe(bytes(body) + bytes(8) + blob[header_len:], frame, raw_len=claimed)
+    assert inspect_page(evil) == meta
+    assert _peak_bytes(lambda: verify_page(evil)) < 4 << 20
+    with pytest.raises(CorruptPage, match="content size"):
+        decode_page(evil, meta)
+
+
+def test_verify_page_bounds_the_raw_size_a_page_claims() -> None:
+    """Without an expected shape (``hiradix store verify``) the claimed raw size is
+    bounded by ``max_raw_bytes``: an honest-looking 4 MiB page of zeros is refused
+    under a 1 MiB bound before it is decompressed."""
+    raw = bytes(4 << 20)
+    meta = meta_for("uint8", len(raw))
+    blob = encode_page(raw, meta, codec="zstd")
+    assert len(blob) < 4096
+    assert verify_page(blob) == meta
+    with pytest.raises(CorruptPage, match="more than"):
+        verify_page(blob, max_raw_bytes=1 << 20)
+    assert _peak_bytes(lambda: verify_page(blob, max_raw_bytes=1 << 20)) < 1 << 20
+
+
+MAC_KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_mac_round_trip_and_wrong_or_missing_key(codec: str) -> None:
+    raw = kv_like(2048).tobytes()
+    meta = meta_for("bfloat16", len(raw))
+    signed = encode_page(raw, meta, codec=codec, mac_key=MAC_KEY)
+    plain = encode_page(raw, meta, codec=codec)
+    assert len(signed) > len(plain)
+    assert decode_page(signed, meta, mac_key=MAC_KEY) == raw
+    assert verify_page(signed, mac_key=MAC_KEY) == meta
+    with pytest.raises(CorruptPage, match="MAC"):
+        decode_page(signed, meta, mac_key=OTHER_KEY)
+    with pytest.raises(CorruptPage, match="no MAC"):
+        decode_page(plain, meta, mac_key=MAC_KEY)  # a stripped MAC is no MAC
+    with pytest.raises(CorruptPage, match="no MAC"):
+        verify_page(plain, mac_key=MAC_KEY)
+    # Without a key, behaviour is unchanged: both read (the MAC is not checked).
+    assert decode_page(signed, meta) == raw and decode_page(plain, meta) == raw
+    assert verify_page(signed) == meta
+
+
+def test_mac_stops_a_forged_page_for_another_tenant() -> None:
+    """Checksums and header digest are public functions: a forger can relabel a page
+    (another namespace, another page key, other KV) so that it passes every check, but
+    not recompute the MAC without the key."""
+    raw = kv_like(2048).tobytes()
+    meta = meta_for("bfloat16", len(raw))
+    victim = meta_for("bfloat16", len(raw), key=bytes(32), ns=bytes(16))
+    forged = encode_page(kv_like(2048, seed=9).tobytes(), victim, codec="none")
+    signed = encode_page(raw, meta, codec="none", mac_key=MAC_KEY)
+    header_len = int.from_bytes(signed[8:12], "little")
+    # Keep the genuine page's MAC record, swap in the forged header fields and payload.
+    plain_len = int.from_bytes(forged[8:12], "little")
+    body = bytearray(forged[: plain_len - 8]) + signed[plain_len - 8 : header_len - 8]
+    body[8:12] = header_len.to_bytes(4, "little")
+    import xxhash
+
+    relabelled = bytes(body) + xxhash.xxh3_64_digest(bytes(body)) + forged[plain_len:]
+    assert decode_page(relabelled, victim) == forged[plain_len:]  # no key: accepted
+    with pytest.raises(CorruptPage, match="MAC mismatch"):
+        decode_page(relabelled, victim, mac_key=MAC_KEY)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_every_flipped_byte_of_a_signed_page_is_detected(codec: str) -> None:
+    raw = kv_like(256).tobytes()
+    meta = meta_for("bfloat16", len(raw))
+    blob = encode_page(raw, meta, codec=codec, mac_key=MAC_KEY)
+    for pos in range(len(blob)):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x01 << (pos % 8)
+        for key in (MAC_KEY, None):
+            with pytest.raises(CorruptPage):
+                decode_page(bytes(bad), meta, mac_key=key)
+
+
+def test_signed_raw_frame_is_encode_page_byte_for_byte() -> None:
+    raw = np.random.default_rng(4).integers(0, 256, 4096, dtype=np.uint8)
+    meta = meta_for("bfloat16", raw.nbytes)
+    frame, payload = raw_frame(meta, mac_key=MAC_KEY)
+    payload[:] = raw
+    blob = seal_raw_frame(frame, meta, mac_key=MAC_KEY)
+    assert bytes(blob) == encode_page(raw, meta, codec="none", mac_key=MAC_KEY)
+    assert decode_page(blob, meta, mac_key=MAC_KEY) == raw.tobytes()
+    with pytest.raises(ValueError, match="not a raw frame"):
+        seal_raw_frame(frame, meta)  # sized for a MAC, sealed without one
+
+
+@pytest.mark.parametrize("bad_key", [b"", b"short", bytes(65)])
+def test_mac_key_length_is_checked(bad_key: bytes) -> None:
+    meta = meta_for("uint8", 16)
+    with pytest.raises(ValueError, match="mac_key"):
+        encode_page(bytes(16), meta, mac_key=bad_key)
