@@ -173,7 +173,7 @@ def test_main_reads_sys_argv(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> No
 def test_sglang_help_lists_the_hiradix_flags(command):
     """The plugin adds --enable-hiradix and --hiradix-config to SGLang's own launcher, and
     ``hiradix serve`` passes everything through to it."""
-    from hiradix.integration.sglang.testbed import cpu_server_env
+    from hiradix.integration.testbed.sglang_server import cpu_server_env
 
     out = subprocess.run(
         [sys.executable, *command], capture_output=True, text=True, timeout=300,
@@ -184,7 +184,7 @@ def test_sglang_help_lists_the_hiradix_flags(command):
 
 
 def test_bad_config_fails_the_launch_before_any_process_starts(tmp_path):
-    from hiradix.integration.sglang.testbed import cpu_server_env
+    from hiradix.integration.testbed.sglang_server import cpu_server_env
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("store: {kind: mongo}\n")

@@ -29,7 +29,7 @@ from hiradix.backends.memory_store import MemoryStore
 from hiradix.backends.nvme_store import NvmeStore, _quote
 from hiradix.backends.redis_store import RedisStore, redact_url
 from hiradix.backends.registry import create_store, register_store
-from hiradix.integration.procs import RedisCluster3, RedisServer
+from hiradix.integration.testbed.redis_servers import RedisCluster3, RedisServer
 from hypothesis import given
 from hypothesis import strategies as st
 
