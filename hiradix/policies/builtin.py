@@ -1,4 +1,5 @@
-"""The built-in prefetch policies: none, arrival, session, hot and pattern.
+"""The built-in prefetch policies none, arrival, session and hot (pattern, the default,
+is in :mod:`hiradix.policies.pattern`; shared pieces in :mod:`hiradix.policies.staging`).
 
 All of them are pure and deterministic (state changes only through events; time is
 ``event.now``). Prefixes are identified by :meth:`PathView.prefix_keys` at a block
@@ -17,7 +18,6 @@ from typing import Any
 
 from hiradix.policies.base import (
     ArrivalEvent,
-    Cold,
     FinishEvent,
     PathView,
     Plan,
@@ -25,116 +25,19 @@ from hiradix.policies.base import (
     Stage,
     TickEvent,
 )
+from hiradix.policies.pattern import PatternPolicy
 from hiradix.policies.registry import register_policy
+from hiradix.policies.staging import (
+    TickBudget,
+    _count,
+    _positive,
+    _Staging,
+    needs_staging,
+    stage_l3_run,
+)
 from hiradix.types import Tier
 
 logger = logging.getLogger(__name__)
-
-
-def _tier(value: Any, option: str) -> Tier:
-    for tier in (Tier.L1, Tier.L2):
-        if value in (tier, tier.value):
-            return tier
-    raise ValueError(f"prefetch.options.{option}: {value!r}; allowed: l1, l2")
-
-
-def _positive(value: Any, option: str, *, zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"prefetch.options.{option}: {value!r}; allowed: a number")
-    if value < 0 or (value == 0 and not zero):
-        raise ValueError(f"prefetch.options.{option}: {value!r}; allowed: > 0")
-    return float(value)
-
-
-def _count(value: Any, option: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"prefetch.options.{option}: {value!r}; allowed: an int >= {minimum}")
-    return value
-
-
-def stage_l3_run(event: ArrivalEvent, *, chunk_tokens: int = 0, priority: int = 0) -> list[Plan]:
-    """Plans that bring the L3 run of an arriving prompt into L2, in order.
-
-    With ``chunk_tokens`` > 0 the run is split into chunks with rising deadlines and
-    falling priorities, so that the engine reads a long context ahead in order and the
-    front of it is usable before the end has arrived."""
-    matched = event.matched
-    if matched.l3_tokens <= 0:
-        return []
-    start = matched.l1_tokens + matched.l2_tokens
-    end = min(start + matched.l3_tokens, len(event.key))
-    if chunk_tokens <= 0 or end - start <= chunk_tokens:
-        return [Stage(event.namespace, event.key.prefix(end), Tier.L2, event.now, priority)]
-    plans: list[Plan] = []
-    for index, stop in enumerate(range(start + chunk_tokens, end + chunk_tokens, chunk_tokens)):
-        stop = min(stop, end)
-        plans.append(
-            Stage(event.namespace, event.key.prefix(stop), Tier.L2, event.now, priority - index)
-        )
-    return plans
-
-
-class TickBudget:
-    """Tokens a policy may stage per tick into each tier: ``share`` of the tier's
-    capacity, so that staging never crowds out what requests are using. One path per
-    tier and tick always fits when the share is not 0 (a path longer than the share
-    would otherwise never be staged); it may not exceed half the tier."""
-
-    __slots__ = ("left", "taken", "whole")
-
-    def __init__(self, event: TickEvent, l1_share: float, l2_share: float):
-        tree = event.tree
-        self.whole = {Tier.L1: tree.capacity(Tier.L1), Tier.L2: tree.capacity(Tier.L2)}
-        self.left = {
-            Tier.L1: self.whole[Tier.L1] * l1_share,
-            Tier.L2: self.whole[Tier.L2] * l2_share,
-        }
-        self.taken = {Tier.L1: False, Tier.L2: False}
-
-    def take(self, tier: Tier, tokens: int) -> bool:
-        first = not self.taken[tier] and self.left[tier] > 0 and tokens <= self.whole[tier] / 2
-        if self.left[tier] < tokens and not first:
-            return False
-        self.left[tier] -= tokens
-        self.taken[tier] = True
-        return True
-
-
-def needs_staging(event: TickEvent, namespace: Hashable, tokens: Any, tier: Tier) -> bool:
-    """Whether ``tokens`` is not yet all in ``tier`` or above (a plan for a resident
-    path would only cost the engine a lookup, and a budget share)."""
-    run = event.tree.resident_run(namespace, tokens)
-    held = run.l1_tokens if tier is Tier.L1 else run.l1_tokens + run.l2_tokens
-    return held < len(tokens)
-
-
-class _Staging(PrefetchPolicy):
-    """The options shared by the predictive policies, validated once."""
-
-    block: int
-    lead: float
-    l1_lead: float
-    l2_budget: float
-    l1_budget: float
-    ema: float
-
-    def _staging_options(
-        self,
-        block_tokens: int,
-        lead_s: float,
-        l1_lead_s: float,
-        l2_budget: float,
-        l1_budget: float,
-        ema: float,
-    ) -> None:
-        self.block = _count(block_tokens, "block_tokens")
-        self.lead = _positive(lead_s, "lead_s", zero=True)
-        self.l1_lead = _positive(l1_lead_s, "l1_lead_s", zero=True)
-        self.l2_budget = _positive(l2_budget, "l2_budget", zero=True)
-        self.l1_budget = _positive(l1_budget, "l1_budget", zero=True)
-        self.ema = _positive(ema, "ema")
-        if self.ema > 1:
-            raise ValueError(f"prefetch.options.ema: {ema!r}; allowed: (0, 1]")
 
 
 class NonePolicy(PrefetchPolicy):
@@ -459,7 +362,7 @@ class HotPolicy(PrefetchPolicy):
             Tier.L2: event.tree.capacity(Tier.L2) * self.l2_budget,
         }
         plans: list[Plan] = []
-        for namespace, prefix, _count in self.hot_prefixes(event.now):
+        for namespace, prefix, _uses in self.hot_prefixes(event.now):
             size = len(prefix.tokens)
             for tier in (Tier.L2, Tier.L1):
                 if budgets[tier] >= size and needs_staging(event, namespace, prefix.tokens, tier):
@@ -467,206 +370,6 @@ class HotPolicy(PrefetchPolicy):
                     plans.append(Stage(namespace, prefix.tokens, tier, event.now, 0))
             if budgets[Tier.L2] < self.block:
                 break
-        return plans
-
-
-class _Reuse:
-    __slots__ = ("count", "interval", "last", "namespace", "tokens", "version")
-
-    def __init__(self, namespace: Hashable, tokens: memoryview, now: float):
-        self.namespace = namespace
-        self.tokens = tokens
-        self.count = 1
-        self.interval: float | None = None
-        self.last = now
-        self.version = 0
-
-
-class _Block:
-    __slots__ = ("fresh_after_share", "last", "reused")
-
-    def __init__(self, now: float, fresh_after_share: bool):
-        self.last = now
-        self.fresh_after_share = fresh_after_share
-        self.reused = False
-
-
-class PatternPolicy(_Staging):
-    """``pattern``: learns how shared prefixes are reused and stages what it predicts.
-
-    On each arrival the prompt's block keys are looked up among the blocks seen before;
-    the deepest one found ends the prefix this request shares with earlier ones (many
-    requests share long prefixes: documents, tool outputs, conversation history). That
-    prefix's use is recorded: count, last use and an EMA of the intervals between uses.
-    A shared prefix predicted to be used again within ``horizon_s`` is staged into L2
-    ``lead_s`` before it is due (into L1 ``l1_lead_s`` before; off by default), at most
-    ``l2_budget`` / ``l1_budget`` of the tier's capacity per tick, soonest first; a
-    prefix already resident is skipped.
-
-    It also learns how often the blocks a request adds are reused later, separately for
-    requests that shared a prefix (their private tail) and requests that shared nothing.
-    When a finished request's kind is reused less than ``cold_below`` (learned over at
-    least ``cold_min_blocks`` blocks) and it added at least ``cold_min_tokens``, its
-    path is marked cold: it leaves L1 and L2 before shared prefixes do (its L3 copy
-    stays). Arrivals read their L3 run ahead in order, in chunks of ``readahead_tokens``,
-    and with ``arrival_l1`` their whole cached prefix is staged to the device while they
-    wait to be scheduled (the host -> device copy overlaps the queue instead of the
-    prefill; the engine never evicts a locked node for it).
-
-    Options (defaults): ``block_tokens`` (512); ``horizon_s`` (600.0); ``lead_s``
-    (120.0); ``l1_lead_s`` (0.0 = never); ``l2_budget`` (0.0 = predicted prefixes are
-    not staged: on the Mooncake trace staging them gained nothing with the 70B profile
-    and cost 5% TTFT where one 8B instance is saturated); ``l1_budget`` (0.01);
-    ``ema`` (0.5); ``readahead_tokens`` (8192, 0 = one plan); ``cold_min_tokens``
-    (4096); ``cold_below`` (0.2); ``cold_min_blocks`` (32); ``max_prefixes`` (100000,
-    shared prefixes tracked); ``max_blocks`` (400000, block keys remembered);
-    ``arrival_l1`` (true). The defaults were chosen on the Mooncake trace with both
-    profiles (README, "Trace simulation").
-    """
-
-    name = "pattern"
-
-    def __init__(
-        self,
-        *,
-        block_tokens: int = 512,
-        horizon_s: float = 600.0,
-        lead_s: float = 120.0,
-        l1_lead_s: float = 0.0,
-        l2_budget: float = 0.0,
-        l1_budget: float = 0.01,
-        ema: float = 0.5,
-        readahead_tokens: int = 8192,
-        cold_min_tokens: int = 4096,
-        cold_below: float = 0.2,
-        cold_min_blocks: int = 32,
-        max_prefixes: int = 100000,
-        max_blocks: int = 400000,
-        arrival_l1: bool = True,
-    ) -> None:
-        self._staging_options(block_tokens, lead_s, l1_lead_s, l2_budget, l1_budget, ema)
-        if not isinstance(arrival_l1, bool):
-            # a config error like every other option's (ValueError names key and value)
-            raise ValueError(f"prefetch.options.arrival_l1: {arrival_l1!r}; allowed: true, false")  # noqa: TRY004
-        self.arrival_l1 = arrival_l1
-        self.horizon = _positive(horizon_s, "horizon_s")
-        self.readahead = _count(readahead_tokens, "readahead_tokens", 0)
-        self.cold_min = _count(cold_min_tokens, "cold_min_tokens", 0)
-        self.cold_below = _positive(cold_below, "cold_below", zero=True)
-        self.cold_min_blocks = _count(cold_min_blocks, "cold_min_blocks", 0)
-        self.max_prefixes = _count(max_prefixes, "max_prefixes")
-        self.max_blocks = _count(max_blocks, "max_blocks")
-        self._paths: OrderedDict[tuple[Hashable, bytes], _Reuse] = OrderedDict()
-        self._blocks: OrderedDict[tuple[Hashable, bytes], _Block] = OrderedDict()
-        self._heap: list[tuple[float, int, tuple[Hashable, bytes], int, Tier]] = []
-        self._seq = 0
-        # [kind] where kind 0: added by a request that shared nothing, 1: after a share
-        self._added = [0, 0]
-        self._added_reused = [0, 0]
-        self._requests: dict[str, tuple[int, int]] = {}  # request id -> (kind, added)
-
-    def reuse_rate(self, after_share: bool) -> float:
-        """Share of the blocks added by requests of that kind that were used again."""
-        kind = int(after_share)
-        return (self._added_reused[kind] + 1) / (self._added[kind] + 2)
-
-    def predicted(self, entry: _Reuse) -> float:
-        return entry.last + (entry.interval if entry.interval is not None else self.horizon)
-
-    def _observe(self, namespace: Hashable, path: PathView, now: float) -> tuple[int, float]:
-        """Record the blocks of ``path``; (blocks shared with earlier requests, when the
-        deepest of them was used last before now)."""
-        keys = path.prefix_keys(self.block)
-        shared = 0
-        previous = now
-        for key in keys:
-            block = self._blocks.get((namespace, key))
-            if block is None:
-                break
-            shared += 1
-            previous = block.last
-            if not block.reused:
-                block.reused = True
-                self._added_reused[int(block.fresh_after_share)] += 1
-            block.last = now
-            self._blocks.move_to_end((namespace, key))
-        for key in keys[shared:]:
-            self._blocks[(namespace, key)] = _Block(now, shared > 0)
-        self._added[int(shared > 0)] += len(keys) - shared
-        while len(self._blocks) > self.max_blocks:
-            self._blocks.popitem(last=False)
-        return shared, previous
-
-    def _record(
-        self, namespace: Hashable, path: PathView, shared: int, previous: float, now: float
-    ) -> None:
-        key = (namespace, path.prefix_keys(self.block)[shared - 1])
-        entry = self._paths.get(key)
-        gap = now - previous
-        if entry is None:
-            entry = self._paths[key] = _Reuse(namespace, path.prefix(shared * self.block), now)
-            entry.interval = gap
-        else:
-            entry.interval = self.ema * gap + (1 - self.ema) * (entry.interval or gap)
-        entry.count += 1
-        entry.last = now
-        entry.version += 1
-        self._paths.move_to_end(key)
-        while len(self._paths) > self.max_prefixes:
-            self._paths.popitem(last=False)
-        due = self.predicted(entry)
-        if due - now > self.horizon:
-            return
-        for lead, tier in ((self.lead, Tier.L2), (self.l1_lead, Tier.L1)):
-            if lead > 0 or tier is Tier.L2:
-                self._seq += 1
-                heapq.heappush(self._heap, (due - lead, self._seq, key, entry.version, tier))
-
-    def on_arrival(self, event: ArrivalEvent) -> Sequence[Plan]:
-        shared, previous = self._observe(event.namespace, event.key, event.now)
-        if shared > 0:
-            self._record(event.namespace, event.key, shared, previous, event.now)
-        added = len(event.key) - shared * self.block
-        self._requests[event.request_id] = (int(shared > 0), added)
-        plans = stage_l3_run(event, chunk_tokens=self.readahead, priority=2)
-        matched = event.matched
-        if self.arrival_l1 and matched.l2_tokens + matched.l3_tokens > 0:
-            # last: after the read-ahead chunks, so the L3 run still lands front first
-            last = min((p.priority for p in plans if isinstance(p, Stage)), default=2)
-            path = event.key.prefix(min(matched.total, len(event.key)))
-            plans.append(Stage(event.namespace, path, Tier.L1, event.now, last - 1))
-        return plans
-
-    def on_finish(self, event: FinishEvent) -> Sequence[Plan]:
-        kind, added = self._requests.pop(event.request_id, (0, len(event.path)))
-        if (
-            added >= max(1, self.cold_min)
-            and self._added[kind] >= self.cold_min_blocks
-            and self.reuse_rate(bool(kind)) < self.cold_below
-        ):
-            return [Cold(event.namespace, event.path.tokens)]
-        return ()
-
-    def on_tick(self, event: TickEvent) -> Sequence[Plan]:
-        plans: list[Plan] = []
-        budget = TickBudget(event, self.l1_budget, self.l2_budget)
-        deferred = []
-        while self._heap and self._heap[0][0] <= event.now:
-            item = heapq.heappop(self._heap)
-            _, _, key, version, tier = item
-            entry = self._paths.get(key)
-            if entry is None or entry.version != version:
-                continue
-            due = self.predicted(entry)
-            if not needs_staging(event, entry.namespace, entry.tokens, tier):
-                continue
-            if not budget.take(tier, len(entry.tokens)):
-                if due > event.now:
-                    deferred.append(item)  # next tick, while still ahead of time
-                continue
-            plans.append(Stage(entry.namespace, entry.tokens, tier, due, 1))
-        for item in deferred:
-            heapq.heappush(self._heap, item)
         return plans
 
 
