@@ -25,14 +25,12 @@ from hiradix.policies.base import (
     Stage,
     TickEvent,
 )
-from hiradix.policies.pattern import PatternPolicy
-from hiradix.policies.registry import register_policy
 from hiradix.policies.staging import (
+    StagingPolicy,
     TickBudget,
-    _count,
-    _positive,
-    _Staging,
+    count_option,
     needs_staging,
+    positive_option,
     stage_l3_run,
 )
 from hiradix.types import Tier
@@ -57,7 +55,7 @@ class ArrivalPolicy(PrefetchPolicy):
     name = "arrival"
 
     def __init__(self, *, min_tokens: int = 1) -> None:
-        self.min_tokens = _count(min_tokens, "min_tokens")
+        self.min_tokens = count_option(min_tokens, "min_tokens")
 
     def on_arrival(self, event: ArrivalEvent) -> Sequence[Plan]:
         if event.matched.l3_tokens < self.min_tokens:
@@ -78,7 +76,7 @@ class _Session:
         self.version = 0
 
 
-class SessionPolicy(_Staging):
+class SessionPolicy(StagingPolicy):
     """``session``: multi-turn conversations. When a request finishes, its path is kept as
     the session's; shortly before the session's next turn is expected (its finish time
     plus its learned think time, minus ``lead_s``) the path is staged back up, so the next
@@ -123,11 +121,11 @@ class SessionPolicy(_Staging):
         stage_on_arrival: bool = True,
     ) -> None:
         self._staging_options(block_tokens, lead_s, l1_lead_s, l2_budget, l1_budget, ema)
-        self.prior = _positive(think_time_s, "think_time_s")
-        self.min_tokens = _count(min_tokens, "min_tokens", 0)
-        self.index_blocks = _count(index_blocks, "index_blocks")
-        self.max_sessions = _count(max_sessions, "max_sessions")
-        self.max_idle = _positive(max_idle_s, "max_idle_s")
+        self.prior = positive_option(think_time_s, "think_time_s")
+        self.min_tokens = count_option(min_tokens, "min_tokens", 0)
+        self.index_blocks = count_option(index_blocks, "index_blocks")
+        self.max_sessions = count_option(max_sessions, "max_sessions")
+        self.max_idle = positive_option(max_idle_s, "max_idle_s")
         self.stage_on_arrival = bool(stage_on_arrival)
         self._sessions: OrderedDict[Hashable, _Session] = OrderedDict()
         self._by_key: dict[tuple[Hashable, bytes], Hashable] = {}
@@ -288,14 +286,14 @@ class HotPolicy(PrefetchPolicy):
         max_prefixes: int = 200000,
         stage_on_arrival: bool = True,
     ) -> None:
-        self.block = _count(block_tokens, "block_tokens")
-        self.max_blocks = max(1, _count(max_prefix_tokens, "max_prefix_tokens") // self.block)
-        self.min_requests = _positive(min_requests, "min_requests")
-        self.half_life = _positive(half_life_s, "half_life_s")
-        self.refresh = _positive(refresh_s, "refresh_s")
-        self.l1_budget = _positive(l1_budget, "l1_budget", zero=True)
-        self.l2_budget = _positive(l2_budget, "l2_budget", zero=True)
-        self.max_prefixes = _count(max_prefixes, "max_prefixes")
+        self.block = count_option(block_tokens, "block_tokens")
+        self.max_blocks = max(1, count_option(max_prefix_tokens, "max_prefix_tokens") // self.block)
+        self.min_requests = positive_option(min_requests, "min_requests")
+        self.half_life = positive_option(half_life_s, "half_life_s")
+        self.refresh = positive_option(refresh_s, "refresh_s")
+        self.l1_budget = positive_option(l1_budget, "l1_budget", zero=True)
+        self.l2_budget = positive_option(l2_budget, "l2_budget", zero=True)
+        self.max_prefixes = count_option(max_prefixes, "max_prefixes")
         self.stage_on_arrival = bool(stage_on_arrival)
         self._prefixes: dict[tuple[Hashable, bytes], _Prefix] = {}
         self._next_refresh = -math.inf
@@ -371,7 +369,3 @@ class HotPolicy(PrefetchPolicy):
             if budgets[Tier.L2] < self.block:
                 break
         return plans
-
-
-for _cls in (NonePolicy, ArrivalPolicy, SessionPolicy, HotPolicy, PatternPolicy):
-    register_policy(_cls.name, _cls)

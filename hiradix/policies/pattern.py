@@ -23,11 +23,11 @@ from hiradix.policies.base import (
     TickEvent,
 )
 from hiradix.policies.staging import (
+    StagingPolicy,
     TickBudget,
-    _count,
-    _positive,
-    _Staging,
+    count_option,
     needs_staging,
+    positive_option,
     stage_l3_run,
 )
 from hiradix.types import Tier
@@ -56,7 +56,7 @@ class _Block:
         self.reused = False
 
 
-class PatternPolicy(_Staging):
+class PatternPolicy(StagingPolicy):
     """``pattern``: learns how shared prefixes are reused and stages what it predicts.
 
     On each arrival the prompt's block keys are looked up among the blocks seen before;
@@ -114,13 +114,13 @@ class PatternPolicy(_Staging):
             # a config error like every other option's (ValueError names key and value)
             raise ValueError(f"prefetch.options.arrival_l1: {arrival_l1!r}; allowed: true, false")  # noqa: TRY004
         self.arrival_l1 = arrival_l1
-        self.horizon = _positive(horizon_s, "horizon_s")
-        self.readahead = _count(readahead_tokens, "readahead_tokens", 0)
-        self.cold_min = _count(cold_min_tokens, "cold_min_tokens", 0)
-        self.cold_below = _positive(cold_below, "cold_below", zero=True)
-        self.cold_min_blocks = _count(cold_min_blocks, "cold_min_blocks", 0)
-        self.max_prefixes = _count(max_prefixes, "max_prefixes")
-        self.max_blocks = _count(max_blocks, "max_blocks")
+        self.horizon = positive_option(horizon_s, "horizon_s")
+        self.readahead = count_option(readahead_tokens, "readahead_tokens", 0)
+        self.cold_min = count_option(cold_min_tokens, "cold_min_tokens", 0)
+        self.cold_below = positive_option(cold_below, "cold_below", zero=True)
+        self.cold_min_blocks = count_option(cold_min_blocks, "cold_min_blocks", 0)
+        self.max_prefixes = count_option(max_prefixes, "max_prefixes")
+        self.max_blocks = count_option(max_blocks, "max_blocks")
         self._paths: OrderedDict[tuple[Hashable, bytes], _Reuse] = OrderedDict()
         self._blocks: OrderedDict[tuple[Hashable, bytes], _Block] = OrderedDict()
         self._heap: list[tuple[float, int, tuple[Hashable, bytes], int, Tier]] = []

@@ -1,5 +1,7 @@
 """The prefetch-policy registry: a small name table, plus out-of-tree classes.
 
+It imports the built-in policies to fill the table; they never import it.
+
 ``create_policy(config.prefetch)`` resolves ``config.policy`` as, in order:
 
 1. a registered name (the built-ins: none, arrival, session, hot, pattern, and anything
@@ -23,20 +25,17 @@ from typing import Any
 
 from hiradix.config import PrefetchConfig
 from hiradix.policies.base import PrefetchPolicy
+from hiradix.policies.builtin import ArrivalPolicy, HotPolicy, NonePolicy, SessionPolicy
+from hiradix.policies.pattern import PatternPolicy
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "hiradix.prefetch_policies"
 
-_POLICIES: dict[str, type[PrefetchPolicy]] = {}
-_BUILTINS_LOADED = False
-
-
-def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        importlib.import_module("hiradix.policies.builtin")  # registers on import
+# The policy modules never import this one: the table names them, not the reverse.
+_POLICIES: dict[str, type[PrefetchPolicy]] = {
+    cls.name: cls for cls in (NonePolicy, ArrivalPolicy, SessionPolicy, HotPolicy, PatternPolicy)
+}
 
 
 def register_policy(name: str, cls: type[PrefetchPolicy]) -> None:
@@ -50,7 +49,6 @@ def register_policy(name: str, cls: type[PrefetchPolicy]) -> None:
 
 def registered_policies() -> dict[str, type[PrefetchPolicy]]:
     """Name -> class of every registered policy (a copy)."""
-    _load_builtins()
     return dict(_POLICIES)
 
 
@@ -80,7 +78,6 @@ def _check_class(obj: Any, spec: str) -> type[PrefetchPolicy]:
 
 def resolve_policy_class(spec: str) -> type[PrefetchPolicy]:
     """The class ``spec`` names (see the module docstring); raises ``ValueError``."""
-    _load_builtins()
     if spec in _POLICIES:
         return _POLICIES[spec]
     if ":" in spec:

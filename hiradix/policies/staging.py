@@ -14,14 +14,8 @@ from hiradix.policies.base import ArrivalEvent, Plan, PrefetchPolicy, Stage, Tic
 from hiradix.types import Tier
 
 
-def _tier(value: Any, option: str) -> Tier:
-    for tier in (Tier.L1, Tier.L2):
-        if value in (tier, tier.value):
-            return tier
-    raise ValueError(f"prefetch.options.{option}: {value!r}; allowed: l1, l2")
-
-
-def _positive(value: Any, option: str, *, zero: bool = False) -> float:
+def positive_option(value: Any, option: str, *, zero: bool = False) -> float:
+    """``value`` as a float > 0 (>= 0 with ``zero``); ``ValueError`` naming the option."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ValueError(f"prefetch.options.{option}: {value!r}; allowed: a number")
     if value < 0 or (value == 0 and not zero):
@@ -29,7 +23,8 @@ def _positive(value: Any, option: str, *, zero: bool = False) -> float:
     return float(value)
 
 
-def _count(value: Any, option: str, minimum: int = 1) -> int:
+def count_option(value: Any, option: str, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``; ``ValueError`` naming the option."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"prefetch.options.{option}: {value!r}; allowed: an int >= {minimum}")
     return value
@@ -91,8 +86,9 @@ def needs_staging(event: TickEvent, namespace: Hashable, tokens: Any, tier: Tier
     return held < len(tokens)
 
 
-class _Staging(PrefetchPolicy):
-    """The options shared by the predictive policies, validated once."""
+class StagingPolicy(PrefetchPolicy):
+    """Base of the predictive policies (session, pattern): their shared options, validated
+    once."""
 
     block: int
     lead: float
@@ -110,11 +106,11 @@ class _Staging(PrefetchPolicy):
         l1_budget: float,
         ema: float,
     ) -> None:
-        self.block = _count(block_tokens, "block_tokens")
-        self.lead = _positive(lead_s, "lead_s", zero=True)
-        self.l1_lead = _positive(l1_lead_s, "l1_lead_s", zero=True)
-        self.l2_budget = _positive(l2_budget, "l2_budget", zero=True)
-        self.l1_budget = _positive(l1_budget, "l1_budget", zero=True)
-        self.ema = _positive(ema, "ema")
+        self.block = count_option(block_tokens, "block_tokens")
+        self.lead = positive_option(lead_s, "lead_s", zero=True)
+        self.l1_lead = positive_option(l1_lead_s, "l1_lead_s", zero=True)
+        self.l2_budget = positive_option(l2_budget, "l2_budget", zero=True)
+        self.l1_budget = positive_option(l1_budget, "l1_budget", zero=True)
+        self.ema = positive_option(ema, "ema")
         if self.ema > 1:
             raise ValueError(f"prefetch.options.ema: {ema!r}; allowed: (0, 1]")
