@@ -55,7 +55,7 @@ the idle baseline server before the workload and reports both.
 Run from the repository root (about 4 minutes with the defaults on 2 cores)::
 
     .venv/bin/python benchmarks/bench_multiturn.py --json benchmarks/results/multiturn.json
-    .venv/bin/python benchmarks/bench_multiturn.py --no-reuse --json benchmarks/results/multiturn_noreuse.json
+    .venv/bin/python benchmarks/bench_multiturn.py --no-reuse --json /tmp/multiturn_noreuse.json
 
 Overhead at the 5% level (``--no-reuse``) needs ``--interleave`` (this machine's speed
 drifts within minutes) and ``--repeat`` (a server process can be a few percent faster or

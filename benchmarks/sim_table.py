@@ -1,8 +1,7 @@
 """Every built-in prefetch policy on a trace, next to the ceiling and L1-only, as a table.
 
     python benchmarks/sim_table.py --profile llama3-70b-tp8-h100 \
-        --json benchmarks/results/sim_llama3-70b-tp8-h100.json \
-        --md benchmarks/results/sim_llama3-70b-tp8-h100.md
+        --json benchmarks/results/sim_llama3-70b-tp8-h100.json [--md TABLES.md]
 
 The issue-5 setting: L1 = 5% and L2 = 25% of the trace's distinct tokens, L3 (NVMe)
 unbounded, the embedded default config otherwise (wait ``timeout``). For each number of
@@ -53,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lanes", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES))
     parser.add_argument("--json", required=True)
-    parser.add_argument("--md", required=True)
+    parser.add_argument("--md", default=None, help="also write the printed tables here")
     args = parser.parse_args(argv)
 
     config = load_default_config()
@@ -95,8 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         md.append(table(rows) + "\n")
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1)
-    with open(args.md, "w", encoding="utf-8") as f:
-        f.write("\n".join(md))
+    if args.md:
+        with open(args.md, "w", encoding="utf-8") as f:
+            f.write("\n".join(md))
     print("\n".join(md))
     return 0
 
