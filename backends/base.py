@@ -26,31 +26,46 @@ from typing import ClassVar, NewType
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PageStore", "StoreKey", "StoreStats", "check_ttl", "make_key", "split_key"]
+__all__ = [
+    "PageStore",
+    "StoreKey",
+    "StoreStats",
+    "check_ttl",
+    "key_head",
+    "make_key",
+    "split_key",
+]
 
-#: ``f"{prefix}{namespace}:{page_key_hex}"``; see :func:`make_key`.
+#: ``f"{key_head(prefix)}{namespace}:{page_key_hex}"``; see :func:`make_key`.
 StoreKey = NewType("StoreKey", str)
 
 _HEX = re.compile(r"[0-9a-f]+")
 _KEY_TAIL = re.compile(r"([0-9a-f]+):([0-9a-f]+)$")
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def key_head(prefix: str) -> str:
+    """What every key of ``prefix`` starts with: ``prefix`` itself, followed by ``":"``
+    when it ends in a lowercase hex digit (``"team-a"`` -> ``"team-a:"``), so that the
+    namespace after it can always be told apart (:func:`split_key`). Scans match on it.
+    """
+    return prefix + ":" if prefix and prefix[-1] in _HEX_DIGITS else prefix
 
 
 def make_key(prefix: str, namespace: str, page_key_hex: str) -> StoreKey:
-    """Build the store key of one page.
+    """Build the store key of one page: ``f"{key_head(prefix)}{namespace}:{page_key_hex}"``.
 
     ``namespace`` is ``PageMeta.namespace.hex()`` and ``page_key_hex`` is
     ``PageMeta.page_key.hex()`` (``hiradix store verify`` checks a page's header
-    against its key under that convention). Both must be lowercase hex; ``prefix``
-    must be empty or end with a character that is not a hex digit (e.g. ``"hiradix:"``)
-    so that :func:`split_key` is unambiguous.
+    against its key under that convention); both must be lowercase hex (``ValueError``
+    otherwise, a programming error). Every string is a valid ``prefix``: one ending in a
+    hex digit gets a ``":"`` (``"team-a"`` and ``"team-a:"`` name the same keys).
     """
     if not _HEX.fullmatch(namespace):
         raise ValueError(f"namespace must be lowercase hex, got {namespace!r}")
     if not _HEX.fullmatch(page_key_hex):
         raise ValueError(f"page key must be lowercase hex, got {page_key_hex!r}")
-    if prefix and prefix[-1] in "0123456789abcdef":
-        raise ValueError(f"key prefix must end with a non-hex character, got {prefix!r}")
-    return StoreKey(f"{prefix}{namespace}:{page_key_hex}")
+    return StoreKey(f"{key_head(prefix)}{namespace}:{page_key_hex}")
 
 
 def split_key(key: str) -> tuple[str, str]:

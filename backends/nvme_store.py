@@ -28,6 +28,16 @@ between lookup and read is a miss, and each process evicts to keep the total in 
 
 Disk full (``ENOSPC``/``EDQUOT``) makes that put return ``False`` (logged, counted);
 a missing or unwritable root raises ``StoreUnavailable``.
+
+Sizes: a file bigger than ``capacity_bytes`` cannot be a page any store of this size
+wrote (``put_many`` refuses such blobs), so reads check ``st_size`` first and treat it
+as a miss (removed, counted in ``oversized_pages``) without reading it into memory.
+
+Permissions: KV is user data. What the store creates is owner-only (directories 0700,
+files 0600) regardless of the umask; with ``group_access=True`` the file's group may
+read and write too (directories 2770, so new files keep the directory's group; files
+0660), for servers running as different users of one group. A root that already
+exists keeps its mode (the operator's choice).
 """
 
 from __future__ import annotations
@@ -60,6 +70,8 @@ _NEVER_NS = 0  # mtime meaning "no expiry"
 _SWEEP_PER_WRITE = 8
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_OWNER_MODES = (0o700, 0o600)  # (directories, files)
+_GROUP_MODES = (0o2770, 0o660)
 
 
 @dataclass(slots=True)
@@ -89,6 +101,7 @@ class NvmeStore(PageStore):
         fsync: bool = False,
         clock: Callable[[], float] = time.time,
         rescan_interval: float = 60.0,
+        group_access: bool = False,
     ) -> None:
         if capacity_bytes <= 0:
             raise ValueError(f"capacity_bytes must be > 0, got {capacity_bytes}")
@@ -96,6 +109,8 @@ class NvmeStore(PageStore):
         self.capacity_bytes = capacity_bytes
         self.fsync = fsync
         self.rescan_interval = rescan_interval
+        self.group_access = group_access
+        self._dir_mode, self._file_mode = _GROUP_MODES if group_access else _OWNER_MODES
         self._clock = clock
         self._lock = threading.Lock()
         self._index: OrderedDict[StoreKey, _Entry] = OrderedDict()  # oldest use first
@@ -105,8 +120,9 @@ class NvmeStore(PageStore):
         self.disk_full_failures = 0
         self.evictions = 0
         self.expirations = 0
+        self.oversized_pages = 0
         try:
-            os.makedirs(self.root, exist_ok=True)
+            self._make_dirs(self.root)
         except OSError as exc:
             raise StoreUnavailable(f"cannot create nvme store root {self.root}: {exc}") from exc
         removed = self._clean_temp_files()
@@ -162,7 +178,7 @@ class NvmeStore(PageStore):
                 continue
             except OSError as exc:
                 raise StoreUnavailable(f"nvme store at {self.root}: {exc}") from exc
-            out.append(not _due(st.st_mtime_ns, now_ns))
+            out.append(not _due(st.st_mtime_ns, now_ns) and st.st_size <= self.capacity_bytes)
         return out
 
     def delete_many(self, keys: Sequence[StoreKey]) -> int:
@@ -260,11 +276,13 @@ class NvmeStore(PageStore):
     def _write_file(self, tmp: str, directory: str, blob: bytes, expiry_ns: int) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = os.open(tmp, flags, 0o644)
+            fd = os.open(tmp, flags, self._file_mode)
         except FileNotFoundError:
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(tmp, flags, 0o644)
+            self._make_dirs(directory)
+            fd = os.open(tmp, flags, self._file_mode)
         try:
+            if self.group_access:
+                os.fchmod(fd, self._file_mode)  # the umask may have removed group bits
             view = memoryview(blob)
             while view:
                 written = os.write(fd, view)
@@ -300,19 +318,22 @@ class NvmeStore(PageStore):
         try:
             st = os.fstat(fd)
             expired = _due(st.st_mtime_ns, now_ns)
-            if not expired:
+            oversized = st.st_size > self.capacity_bytes  # checked before reading a byte
+            if not expired and not oversized:
                 if buffers is None:
                     data = _read_bytes(fd, st.st_size)
                 else:
                     data = _read_into(fd, st.st_size, buffers, slot)
                 expiry_ns = st.st_mtime_ns
                 if refresh_ttl is not None:  # on the inode we read, even if replaced since
-                    expiry_ns = int((now + refresh_ttl) * 1e9)
-                    os.utime(fd, ns=(time.time_ns(), expiry_ns))
+                    expiry_ns = self._refresh(fd, now + refresh_ttl, expiry_ns)
         except OSError as exc:
             raise StoreUnavailable(f"nvme store at {self.root}: {exc}") from exc
         finally:
             os.close(fd)
+        if oversized and not expired:
+            self._drop_oversized(key, path, st.st_size)
+            return None
         if expired:
             with self._lock:
                 self._forget_locked(key)
@@ -322,6 +343,30 @@ class NvmeStore(PageStore):
         with self._lock:
             self._touch_locked(key, len(data), expiry_ns)
         return data
+
+    def _refresh(self, fd: int, expiry: float, old_expiry_ns: int) -> int:
+        """Move a page's expiry (its mtime) to ``expiry``; returns the expiry it has now.
+
+        Setting explicit times needs ownership: a page another user of the group wrote
+        (``group_access``) keeps its expiry instead of failing the read."""
+        expiry_ns = int(expiry * 1e9)
+        try:
+            os.utime(fd, ns=(time.time_ns(), expiry_ns))
+        except PermissionError:
+            return old_expiry_ns
+        return expiry_ns
+
+    def _drop_oversized(self, key: StoreKey, path: str, size: int) -> None:
+        with self._lock:
+            self._forget_locked(key)
+        self.oversized_pages += 1
+        if self.oversized_pages == 1 or self.oversized_pages % 1000 == 0:
+            logger.warning(
+                "nvme store at %s: %s is %d bytes, more than the store's capacity %d: "
+                "not a page, removed unread (%d so far)",
+                self.root, path, size, self.capacity_bytes, self.oversized_pages,
+            )  # fmt: skip
+        self._unlink(path)
 
     # -- index (all *_locked: caller holds self._lock; no IO under it) -----------------
 
@@ -399,6 +444,23 @@ class NvmeStore(PageStore):
         namespace, page_hex = split_key(key)
         shard = (page_hex + "0000")[:4]
         return os.path.join(self.root, namespace, shard[:2], shard[2:], _quote(key) + _PAGE_SUFFIX)
+
+    def _make_dirs(self, directory: str) -> None:
+        """``os.makedirs`` with this store's directory mode on every level it creates
+        (``makedirs`` applies its mode to the last level only, and through the umask)."""
+        missing: list[str] = []
+        while not os.path.isdir(directory):
+            missing.append(directory)
+            parent = os.path.dirname(directory)
+            if parent == directory:
+                break
+            directory = parent
+        for path in reversed(missing):
+            try:
+                os.mkdir(path, self._dir_mode)
+            except FileExistsError:
+                continue  # another writer made it first: theirs has our mode too
+            os.chmod(path, self._dir_mode)
 
     def _check_root(self) -> None:
         if not os.path.isdir(self.root):

@@ -28,7 +28,14 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import redis.cluster
 import redis.exceptions
-from hiradix.backends.base import PageStore, StoreKey, StoreStats, check_ttl, split_key
+from hiradix.backends.base import (
+    PageStore,
+    StoreKey,
+    StoreStats,
+    check_ttl,
+    key_head,
+    split_key,
+)
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -82,7 +89,7 @@ def _glob_escape(text: str) -> str:
 
 
 class RedisStore(PageStore):
-    """Pages as Redis strings under ``f"{key_prefix}{namespace}:{page_key_hex}"``."""
+    """Pages as Redis strings under ``make_key(key_prefix, namespace, page_key_hex)``."""
 
     name = "redis"
 
@@ -193,7 +200,8 @@ class RedisStore(PageStore):
         return deleted
 
     def scan(self, namespace: str | None = None) -> Iterator[StoreKey]:
-        pattern = _glob_escape(self.key_prefix) + (f"{namespace}:*" if namespace else "*")
+        head = _glob_escape(key_head(self.key_prefix))
+        pattern = head + (f"{namespace}:*" if namespace else "*")
         try:
             for raw in self._client.scan_iter(match=pattern, count=1000):
                 key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)

@@ -46,7 +46,13 @@ def _memory(cfg: Any, clock: Callable[[], float]) -> PageStore:
 def _nvme(cfg: Any, clock: Callable[[], float]) -> PageStore:
     from hiradix.backends.nvme_store import NvmeStore
 
-    return NvmeStore(cfg.nvme.path, cfg.nvme.size_bytes, fsync=cfg.nvme.fsync, clock=clock)
+    return NvmeStore(
+        cfg.nvme.path,
+        cfg.nvme.size_bytes,
+        fsync=cfg.nvme.fsync,
+        clock=clock,
+        group_access=cfg.nvme.group_access,
+    )
 
 
 def _redis(cfg: Any, clock: Callable[[], float]) -> PageStore:

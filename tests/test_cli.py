@@ -37,7 +37,7 @@ def test_config_check_ok_prints_resolved_yaml(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed["store"]["nvme"] == {"path": str(tmp_path / "pages"), "size": "2 GiB",
-                                        "fsync": False}  # fmt: skip
+                                        "fsync": False, "group_access": False}  # fmt: skip
     assert printed["ttl"]["store"] == "1h30m"
     assert parse_config(printed, source=str(path)) == load_config(path)
 
@@ -55,6 +55,27 @@ def test_config_check_errors_exit_1(tmp_path: Path) -> None:
             "password_env, username, cluster, key_prefix, timeout, batch_pages, tls"
         ),
     ]
+
+
+def test_config_check_never_prints_a_redis_password(tmp_path: Path) -> None:
+    """Issue 16 item 11: a refused URL is shown with its userinfo redacted."""
+    path = tmp_path / "pw.yaml"
+    path.write_text("store:\n  kind: redis\n  redis: {url: 'redis://app:hunter2@cache:6379/0'}\n")
+    result = run_cli("config", "check", str(path))
+    assert result.returncode == 1 and "hunter2" not in result.stdout + result.stderr
+    assert "config key 'store.redis.url': got 'redis://***@cache:6379/0'" in result.stderr
+
+
+def test_config_check_constructs_the_prefetch_policy(tmp_path: Path) -> None:
+    """Issue 16 item 12: a policy that cannot load fails ``config check``, not the server."""
+    path = tmp_path / "policy.yaml"
+    path.write_text("prefetch:\n  policy: nope.mod:Cls\n  options: {depth: 2}\n")
+    result = run_cli("config", "check", str(path))
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(
+        f"error: {path}: config key 'prefetch.policy': got 'nope.mod:Cls'; allowed: "
+    )
+    assert "cannot import 'nope.mod'" in result.stderr
 
 
 def test_config_check_missing_file_exit_1(tmp_path: Path) -> None:

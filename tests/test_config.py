@@ -223,13 +223,16 @@ def test_bad_scalar_values(key: str, bad: Any) -> None:
     assert message.startswith(f"config key '{key}': got {bad!r}; allowed: ")
 
 
-@pytest.mark.parametrize("policy", ["none", "arrival", "pattern", "my_pkg.policies:Sticky", "m:C"])
-def test_prefetch_policy_syntax(policy: str) -> None:
+@pytest.mark.parametrize(
+    "policy", ["none", "arrival", "pattern", "hardening_policies:Anything", "hot"]
+)
+def test_prefetch_policy_syntax(policy: str, policy_module: str) -> None:
     assert parse_config({"prefetch": {"policy": policy}}).prefetch.policy == policy
 
 
-def test_prefetch_options_are_read_only() -> None:
-    cfg = parse_config({"prefetch": {"options": {"window": 4, "nested": {"a": [1, 2]}}}})
+def test_prefetch_options_are_read_only(policy_module: str) -> None:
+    options = {"window": 4, "nested": {"a": [1, 2]}}
+    cfg = parse_config({"prefetch": {"policy": "hardening_policies:Anything", "options": options}})
     assert cfg.prefetch.options["window"] == 4 and cfg.prefetch.options["nested"]["a"] == (1, 2)
     with pytest.raises(TypeError):
         cfg.prefetch.options["window"] = 5  # type: ignore[index]
@@ -471,7 +474,8 @@ def redis(**fields: Any) -> dict[str, Any]:
 def test_password_env_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HIRADIX_TEST_PW", raising=False)
     cfg = parse_config(redis(password_env="HIRADIX_TEST_PW"))  # missing at load: fine
-    assert cfg.store.redis.password() is None
+    with pytest.raises(ConfigError, match="HIRADIX_TEST_PW"):  # ... but not when connecting
+        cfg.store.redis.password()
     monkeypatch.setenv("HIRADIX_TEST_PW", "s3cret")
     assert cfg.store.redis.password() == "s3cret"
     assert parse_config({}).store.redis.password() is None
@@ -507,12 +511,31 @@ def test_good_redis_urls(url: str) -> None:
         "redis://host:notaport",
         "redis://host/db1",
         "unix://",
-        "redis://:hunter2@host:6379/0",
         5,
     ],
 )
 def test_bad_redis_urls(url: Any) -> None:
     assert error_of(redis(url=url)).startswith(f"config key 'store.redis.url': got {url!r}")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@host:6379/0", "redis://***@host:6379/0"),
+        ("redis://admin:hunter2@host:6379/0", "redis://***@host:6379/0"),
+        ("redis://:hunter2@host:notaport/0", "redis://***@host:notaport/0"),
+        ("rediss://u:hunter2@/0", "rediss://***@/0"),
+        ("http://:hunter2@host", "http://***@host"),
+        ("redis://:hunter2@host/db1", "redis://***@host/db1"),
+        ("redis://:hun/ter2@host:6379/0", "redis://***@host:6379/0"),
+        ("redis://:hunter2@host:6379/5", "redis://***@host:6379/5"),  # with cluster: true
+    ],
+)
+def test_rejected_redis_url_never_shows_its_password(url: str, shown: str) -> None:
+    """Issue 16 item 11: the message goes to launch logs and ``config check`` output."""
+    message = error_of(redis(url=url, cluster=True))
+    assert "hunter2" not in message and "hun/ter2" not in message
+    assert message.startswith(f"config key 'store.redis.url': got {shown!r}; allowed: ")
 
 
 def test_tls_with_rediss(tmp_path: Path) -> None:
@@ -622,12 +645,14 @@ def test_reference_documents_every_key() -> None:
         {"host": {"size": "48GiB"}, "ttl": {"mode": "absolute", "host": {"after": "1h"}}},
         {"ttl": {"device": {"after": "90s", "mode": "absolute"}, "max_age": "7d"}},
         {"store": {"kind": "redis", "redis": {"url": "rediss://h", "tls": {"ca_file": "a"}}}},
-        {"prefetch": {"policy": "pkg.mod:Cls", "options": {"k": [1, {"x": 2}]}}},
+        {"prefetch": {"policy": "hardening_policies:Anything", "options": {"k": [1, {"x": 2}]}}},
         {"prefetch": {"timeout": 0.0123, "timeout_per_1k_tokens": 1.25}},
         {"store": {"nvme": {"size": 1_500_000_000}}, "namespace": "tenant-a"},
     ],
 )
-def test_config_to_dict_round_trips(data: dict[str, Any], tmp_path: Path) -> None:
+def test_config_to_dict_round_trips(
+    data: dict[str, Any], tmp_path: Path, policy_module: str
+) -> None:
     cfg = parse_config(data, base_dir=str(tmp_path))
     printed = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     assert parse_config(yaml.safe_load(printed), base_dir="/unused") == cfg
@@ -638,3 +663,135 @@ def test_config_is_frozen() -> None:
     cfg = parse_config({})
     with pytest.raises(AttributeError):
         cfg.namespace = "x"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- issue 16
+
+_POLICY_MODULE = """
+from hiradix.policies.base import PrefetchPolicy
+
+class Raises(PrefetchPolicy):
+    name = "raises"
+    def __init__(self):
+        raise RuntimeError("no GPU budget configured")
+
+class Takes(PrefetchPolicy):
+    name = "takes"
+    def __init__(self, *, depth: int = 1):
+        if depth < 1:
+            raise ValueError(f"prefetch.options.depth: {depth!r}; allowed: an int >= 1")
+        self.depth = depth
+
+class Fragile(PrefetchPolicy):
+    name = "fragile"
+    def __init__(self, **options):
+        raise TypeError(f"cannot use {sorted(options)}")
+
+class Anything(PrefetchPolicy):
+    name = "anything"
+    def __init__(self, **options):
+        self.options = options
+
+NotAPolicy = object
+"""
+
+
+@pytest.fixture
+def policy_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A module of test policies, importable as ``hardening_policies``."""
+    import sys
+
+    (tmp_path / "hardening_policies.py").write_text(_POLICY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "hardening_policies", raising=False)
+    return "hardening_policies"
+
+
+RAISED = "a policy whose constructor succeeds (constructing it raised RuntimeError: no GPU"
+TAKES = "what policy 'hardening_policies:Takes' accepts"
+FRAGILE = "what policy 'hardening_policies:Fragile' accepts (constructing it raised TypeError"
+
+
+@pytest.mark.parametrize(
+    ("prefetch", "key", "expected"),
+    [
+        ({"policy": "nope.mod:Cls"}, "prefetch.policy", "cannot import 'nope.mod'"),
+        ({"policy": "no_such_policy"}, "prefetch.policy", "unknown policy 'no_such_policy'"),
+        ({"policy": "hardening_policies:Missing"}, "prefetch.policy", "has no 'Missing'"),
+        ({"policy": "hardening_policies:NotAPolicy"}, "prefetch.policy", "not a subclass"),
+        ({"policy": "hardening_policies:Raises"}, "prefetch.policy", RAISED),
+        ({"policy": "pattern", "options": {"nope": 1}}, "prefetch.options.nope",
+         "unknown option of policy 'pattern'; allowed: "),
+        ({"policy": "hardening_policies:Takes", "options": {"depth": 0}},
+         "prefetch.options.depth", f"{TAKES} (0; allowed: an int >= 1)"),
+        ({"policy": "hardening_policies:Fragile", "options": {"x": [1]}}, "prefetch.options",
+         f"got {{'x': [1]}}; allowed: {FRAGILE}: cannot use ['x'])"),
+        ({"policy": "hardening_policies:Takes", "options": {"deep": 2}}, "prefetch.options.deep",
+         "allowed: depth"),
+    ],
+)  # fmt: skip
+def test_prefetch_policy_is_constructed_at_load(
+    policy_module: str, prefetch: dict[str, Any], key: str, expected: str
+) -> None:
+    """Issue 16 item 12: these passed ``config check`` and then killed every scheduler
+    after the model had loaded."""
+    message = error_of({"prefetch": prefetch})
+    assert message.startswith(f"config key {key!r}: got "), message
+    assert expected in message
+    assert "allowed: " in message
+    assert len(message.splitlines()) == 1
+
+
+def test_loadable_policies_and_their_options_pass(policy_module: str) -> None:
+    cfg = parse_config({"prefetch": {"policy": "hardening_policies:Takes",
+                                     "options": {"depth": 3}}})  # fmt: skip
+    assert cfg.prefetch.options == {"depth": 3}
+    nested = {"k": [1, {"x": 2}]}
+    cfg = parse_config({"prefetch": {"policy": "hardening_policies:Anything", "options": nested}})
+    assert config_to_dict(cfg)["prefetch"]["options"] == nested
+
+
+def test_policy_errors_are_reported_with_the_rest_of_the_file(policy_module: str) -> None:
+    message = error_of({"store": {"kind": "mongo"}, "prefetch": {"policy": "nope.mod:Cls"}})
+    first, second = message.splitlines()
+    assert first.startswith("config key 'store.kind'")
+    assert second.startswith("config key 'prefetch.policy': got 'nope.mod:Cls'")
+    # A policy is not tried with options that did not parse.
+    assert "prefetch.policy" not in error_of({"prefetch": {"options": [1]}})
+
+
+def test_store_mac_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16 item 6: the page MAC key comes from the environment variable named by
+    store.mac_key_env, read when the store is set up (never at load)."""
+    assert parse_config({}).store.mac_key_env is None
+    assert parse_config({}).store.mac_key() is None
+    monkeypatch.delenv("HIRADIX_TEST_MAC", raising=False)
+    cfg = parse_config({"store": {"mac_key_env": "HIRADIX_TEST_MAC"}})
+    assert config_to_dict(cfg)["store"]["mac_key_env"] == "HIRADIX_TEST_MAC"
+    with pytest.raises(ConfigError, match="'store.mac_key_env'.*HIRADIX_TEST_MAC.*is not set"):
+        cfg.store.mac_key()
+    monkeypatch.setenv("HIRADIX_TEST_MAC", "too short")
+    with pytest.raises(ConfigError, match="at least 16"):
+        cfg.store.mac_key()
+    monkeypatch.setenv("HIRADIX_TEST_MAC", "0123456789abcdef0123456789abcdef")
+    first = cfg.store.mac_key()
+    assert first is not None and len(first) == 32 and b"0123" not in first
+    monkeypatch.setenv("HIRADIX_TEST_MAC", "0123456789abcdef0123456789abcdee")
+    assert cfg.store.mac_key() != first
+    message = error_of({"store": {"mac_key_env": "my key"}})
+    assert message.startswith("config key 'store.mac_key_env': got 'my key'; allowed: ")
+
+
+def test_nvme_group_access_key() -> None:
+    assert parse_config({}).store.nvme.group_access is False
+    cfg = parse_config({"store": {"nvme": {"group_access": True}}})
+    assert cfg.store.nvme.group_access is True
+    assert config_to_dict(cfg)["store"]["nvme"]["group_access"] is True
+    message = error_of({"store": {"nvme": {"group_access": "yes"}}})
+    assert message.startswith("config key 'store.nvme.group_access': got 'yes'; allowed: ")
+
+
+def test_config_module_stays_small() -> None:
+    """House style: modules under ~600 lines (the schema and tree live beside it)."""
+    source = REPO / "hiradix" / "config.py"
+    assert len(source.read_text().splitlines()) < 600
