@@ -149,7 +149,7 @@ class NvmeStore(PageStore):
     ) -> list[bytes | None]:
         check_ttl(refresh_ttl)
         self._check_root()
-        return [self._get_one(key, refresh_ttl) for key in keys]
+        return [cast("bytes | None", self._get_one(key, refresh_ttl)) for key in keys]
 
     def get_many_into(
         self,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
@@ -272,7 +273,26 @@ class RedisStore(PageStore):
         return replies
 
     def _why(self, exc: BaseException) -> str:
-        return f"cannot reach {self.describe()}: {exc}"
+        return f"cannot reach {self.describe()}: {exc}{self._tls_hint(exc)}"
+
+    def _tls_hint(self, exc: BaseException) -> str:
+        """What to check when a TLS handshake fails for a reason the TLS error hides: a
+        server that requires client certificates just closes the connection ("EOF
+        occurred in violation of protocol")."""
+        if not self.cfg.url.startswith("rediss://") or self.cfg.tls.cert_file is not None:
+            return ""
+        chain: list[BaseException] = []
+        cause: BaseException | None = exc
+        while cause is not None and len(chain) < 8:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        tls_errors = [e for e in chain if isinstance(e, ssl.SSLError)]
+        if not tls_errors or isinstance(tls_errors[0], ssl.SSLCertVerificationError):
+            return ""
+        return (
+            " (TLS handshake failed and no client certificate is configured: the server "
+            "may require one, see store.redis.tls.cert_file and key_file)"
+        )
 
 
 def _is_per_key_refusal(exc: BaseException) -> bool:
