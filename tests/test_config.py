@@ -778,6 +778,15 @@ def test_store_mac_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert first is not None and len(first) == 32 and b"0123" not in first
     monkeypatch.setenv("HIRADIX_TEST_MAC", "0123456789abcdef0123456789abcdee")
     assert cfg.store.mac_key() != first
+    # The key is what the page codec takes: pages signed with it verify only with it.
+    from hiradix.codec import PageMeta, decode_page, encode_page
+    from hiradix.errors import CorruptPage
+
+    meta = PageMeta("uint8", "l", (64,), bytes(16), b"k")
+    page = encode_page(bytes(64), meta, mac_key=cfg.store.mac_key())
+    assert decode_page(page, meta, mac_key=cfg.store.mac_key()) == bytes(64)
+    with pytest.raises(CorruptPage, match="MAC mismatch"):
+        decode_page(page, meta, mac_key=first)
     message = error_of({"store": {"mac_key_env": "my key"}})
     assert message.startswith("config key 'store.mac_key_env': got 'my key'; allowed: ")
 
