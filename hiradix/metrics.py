@@ -42,6 +42,9 @@ COUNTERS = (
     ("policy_plans", "Plans the prefetch policy returned"),
     ("policy_plans_skipped", "Plans not executed (over budget, or no free device slots)"),
     ("policy_l1_staged_tokens", "Tokens a policy's plans brought from host to device ahead of use"),
+    ("verify_checked_pages", "Verify mode: pages that came back up a tier and matched"),
+    ("verify_unchecked_pages", "Verify mode: pages that came back with no record to check"),
+    ("verify_mismatches", "Verify mode: pages that came back with other KV than went down"),
 )
 GAUGES = (
     ("l1_tokens", "Tokens the tree holds on device"),

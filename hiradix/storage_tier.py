@@ -23,7 +23,7 @@ import threading
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,12 +42,14 @@ from hiradix.codec import (
 from hiradix.cost_model import CostModel
 from hiradix.errors import CorruptPage, StoreUnavailable
 from hiradix.metrics import Stats
-from hiradix.transfer import TransferEngine
+from hiradix.transfer import IoResult, TransferEngine
 from hiradix.tree import Node, RadixTree
+from hiradix.verify import digest
 
 logger = logging.getLogger(__name__)
 
 LAYOUT = "kv_layer_token_head_dim"
+MAX_ABSENT = 65536  # "not in the store" answers remembered (presence_ttl each)
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _NP_INT_OF_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 _TORCH_DTYPES = {
@@ -130,7 +132,6 @@ class StorageTier:
         self._ns_digests: dict[Hashable, bytes] = {}
         self.prefetches: dict[str, Prefetch] = {}
         self.cost = CostModel()
-        self._exists_s = 0.0
         self.bytes_per_token = slab.bytes_per_token
         self._in_flight_keys: set[bytes] = set()
         self._scratch = threading.local()  # per worker thread: reusable read buffers
@@ -144,9 +145,8 @@ class StorageTier:
         #: SGLang's waiting queue). With others queued, a fetch slower than recomputing
         #: still pays: its pages land while the server prefills the others.
         self.queued: Callable[[], int] = lambda: 0
-        #: whether a lookup that finishes after its request was admitted may still add its
-        #: pages (only on a single rank: with TP the tree may change only at agreed points)
-        self.insert_late = True
+        #: verify mode (:mod:`hiradix.verify`): digests of the pages written, checked on read
+        self.verifier: Any = None
 
     def others_queued(self) -> bool:
         return self.queued() > 1
@@ -179,9 +179,9 @@ class StorageTier:
     # ------------------------------------------------------------------ write-through
     def save_path(self, last: Node) -> None:
         """Write the complete blocks of the path ending at ``last`` whose tokens are all in
-        host memory now (ancestors' blocks were written when they were demoted)."""
-        if not self.breaker.allow():
-            return
+        host memory now (ancestors' blocks were written when they were demoted). What is
+        written and pinned depends only on agreed state (the tree, ``_written``); whether
+        the store is up is the worker's business (the circuit breaker is asked there)."""
         path = self.tree.path(last)
         if not path:
             return
@@ -197,7 +197,7 @@ class StorageTier:
         namespace = last.namespace
         keys = self.block_keys(namespace, tokens, blocks)
         items = []
-        pinned: dict[int, Node] = {}
+        covered: dict[int, Node] = {}
         for b in range(blocks):
             key = keys[b]
             if key in self._written or key in self._in_flight_keys:
@@ -212,42 +212,53 @@ class StorageTier:
                 (self._store_key(namespace, key), self._meta(namespace, key), page_slots, key)
             )
             for _, n in covering:
-                pinned[id(n)] = n
+                covered[id(n)] = n
         if not items:
             return
         if self._queued_pages + len(items) > self.write_queue_pages:
             self.stats.add("l3_dropped_writes", len(items))
             return
-        for n in pinned.values():
-            self.tree.pin_l2(n)
+        pins = [self.tree.pin_l2(n) for n in covered.values()]
         self._queued_pages += len(items)
         written = [key for *_, key in items]
         self._in_flight_keys.update(written)
 
-        def job() -> int:
+        def job() -> IoResult:
+            if not self.breaker.allow():
+                return IoResult()
+            started = time.perf_counter()
             payload = []
-            for store_key, meta, page_slots, _ in items:
-                payload.append((store_key, self._encode(page_slots, meta)))
-            stored = self.store.put_many(payload, self.ttl)
-            return sum(len(blob) for (_, blob), ok in zip(payload, stored) if ok)
+            try:
+                for store_key, meta, page_slots, _ in items:
+                    payload.append((store_key, self._encode(page_slots, meta)))
+                stored = self.store.put_many(payload, self.ttl)
+            except StoreUnavailable:
+                self.breaker.record_failure()
+                raise
+            self.breaker.record_success()
+            count = 0
+            while count < len(stored) and stored[count]:
+                count += 1
+            for key in written[:count]:
+                self._absent.pop(key, None)
+            nbytes = sum(len(blob) for (_, blob), ok in zip(payload, stored) if ok)
+            return IoResult(count, nbytes, time.perf_counter() - started)
 
-        def done(nbytes: int | None, error: BaseException | None) -> None:
+        def done(result: IoResult | None, error: BaseException | None) -> None:
+            result = result or IoResult()
             self._queued_pages -= len(items)
             self._in_flight_keys.difference_update(written)
-            for n in pinned.values():
-                self.tree.unpin_l2(n)
+            for pin in pins:
+                self.tree.unpin_l2(pin)
             if error is not None:
                 self._failed(error)
-                return
-            self.breaker.record_success()
-            for key in written:
+            stored = written[: result.count]  # agreed: stored by every rank
+            for key in stored:
                 self._remember_written(key)
-                self._absent.pop(key, None)
-            until = self.clock() + self.presence_ttl
-            for n in pinned.values():
-                n.l3_until = until  # L3 presence of the path, with an expiry
-            self.stats.add("l2_to_l3_tokens", len(items) * self.block)
-            self.stats.add("l3_put_bytes", nbytes or 0)
+            if len(stored) < len(written) and error is None:
+                self.stats.add("l3_dropped_writes", len(written) - len(stored))
+            self.stats.add("l2_to_l3_tokens", len(stored) * self.block)
+            self.stats.add("l3_put_bytes", result.nbytes)
 
         self.engine.submit_io(job, done, lane="write")
 
@@ -256,7 +267,10 @@ class StorageTier:
         pages are copied straight from the slab into the frame: one copy, GIL released."""
         if self.codec_name != "none":
             both = torch.stack((self.slab.k[:, page_slots], self.slab.v[:, page_slots]))
-            return encode_page(both.view(torch.uint8).numpy(), meta, self.codec, self.level)
+            raw = both.view(torch.uint8).numpy()
+            if self.verifier is not None:
+                self.verifier.record([meta.page_key], [digest(raw)])
+            return encode_page(raw, meta, self.codec, self.level)
         frame, payload = raw_frame(meta)
         halves = payload.view(self._np_dtype).reshape(self.page_shape)
         first = _run_start(page_slots)
@@ -265,6 +279,8 @@ class StorageTier:
                 np.copyto(half, rows[:, first : first + len(page_slots)])
             else:
                 np.take(rows, page_slots.numpy(), axis=1, out=half)
+        if self.verifier is not None:
+            self.verifier.record([meta.page_key], [digest(payload)])
         return seal_raw_frame(frame, meta)
 
     def _remember_written(self, key: bytes) -> None:
@@ -274,7 +290,6 @@ class StorageTier:
 
     def _failed(self, error: BaseException) -> None:
         self.stats.add("l3_errors")
-        self.breaker.record_failure()
         if not isinstance(error, StoreUnavailable):
             logger.error("hiradix: L3 job failed unexpectedly: %r", error)
 
@@ -290,45 +305,49 @@ class StorageTier:
         """Look up the blocks of ``tokens`` past ``local_len`` (already in L1/L2) and fetch
         them. Two store round trips: an existence check, then ``decide(present_tokens)``
         (the prefetch policy, on the scheduler thread) says how many of the present tokens
-        to fetch (default: all). Returns whether a lookup was submitted."""
-        self.prefetches.pop(request_id, None)
+        to fetch (default: all). Returns whether a lookup was submitted: that depends only
+        on the arguments, never on this rank's store health or clock (the worker asks the
+        circuit breaker and the absence cache), so every TP rank submits the same lookups."""
+        self.forget(request_id)
         blocks = len(tokens) // self.block
         start = local_len // self.block
-        if start >= blocks or not self.breaker.allow():
+        if start >= blocks:
             return False
         keys = self.block_keys(namespace, tokens, blocks)
-        now = self.clock()
-        until = self._absent.get(keys[start])
-        if until is not None and until > now:
-            return False
-        state = Prefetch(namespace, tokens[: blocks * self.block], start, now)
+        state = Prefetch(namespace, tokens[: blocks * self.block], start, self.clock())
         self.prefetches[request_id] = state
         wanted = keys[start:]
         store_keys = [self._store_key(namespace, k) for k in wanted]
 
-        def exists_job() -> int:
-            started = time.perf_counter()
-            present = self.store.exists_many(store_keys)
-            self._exists_s = time.perf_counter() - started  # read on the scheduler thread
+        def exists_job() -> IoResult:
+            started = time.monotonic()
+            until = self._absent.get(wanted[0])
+            if (until is not None and until > started) or not self.breaker.allow():
+                return IoResult()
+            try:
+                present = self.store.exists_many(store_keys)
+            except StoreUnavailable:
+                self.breaker.record_failure()
+                raise
+            self.breaker.record_success()
             run = 0
             while run < len(present) and present[run]:
                 run += 1
-            return run
+            ended = time.monotonic()
+            if run < len(wanted):
+                self._remember_absent(wanted[run], ended + self.presence_ttl)
+            return IoResult(run, 0, ended - started)
 
-        def exists_done(run: int | None, error: BaseException | None) -> None:
-            if error is None:
-                self.cost.observe_fetch(0, self._exists_s)
-            if error is not None or not run:
-                if error is not None:
-                    self._failed(error)
-                else:
-                    self.breaker.record_success()
-                    self._absent[wanted[0]] = self.clock() + self.presence_ttl
+        def exists_done(result: IoResult | None, error: BaseException | None) -> None:
+            result = result or IoResult()
+            if error is not None:
+                self._failed(error)
+            elif result.seconds:
+                self.cost.observe_fetch(0, result.seconds)
+            run = result.count
+            if not run:
                 self._finish(request_id, state)
                 return
-            self.breaker.record_success()
-            if run < len(wanted):
-                self._absent[wanted[run]] = self.clock() + self.presence_ttl
             present_tokens = run * self.block - (local_len - start * self.block)
             take = (
                 present_tokens
@@ -371,12 +390,19 @@ class StorageTier:
         refresh = self.ttl if self.sliding else None
         rows = [slots[i * self.block : (i + 1) * self.block] for i in range(len(keys))]
 
-        def job() -> tuple[int, int, list[str], float]:
+        def job() -> IoResult:
+            if not self.breaker.allow():
+                return IoResult()
             started = time.perf_counter()
             buffers = getattr(self._scratch, "buffers", None)
             if buffers is None:
                 buffers = self._scratch.buffers = []
-            blobs = self.store.get_many_into(store_keys, buffers, refresh_ttl=refresh)
+            try:
+                blobs = self.store.get_many_into(store_keys, buffers, refresh_ttl=refresh)
+            except StoreUnavailable:
+                self.breaker.record_failure()
+                raise
+            self.breaker.record_success()
             ready, nbytes, bad = 0, 0, []
             for store_key, meta, blob, page_rows in zip(store_keys, metas, blobs, rows):
                 if blob is None:
@@ -387,6 +413,10 @@ class StorageTier:
                     logger.warning("hiradix: corrupt L3 page %s: %s", store_key, exc)
                     bad.append(store_key)
                     break
+                if self.verifier is not None and self.verifier.check(
+                    [meta.page_key], [digest(raw)], f"L3 read of {store_key}"
+                ):
+                    break  # not what was written for this key: a miss from here on
                 self._write_rows(raw, page_rows)
                 ready += 1
                 nbytes += len(blob)
@@ -395,19 +425,17 @@ class StorageTier:
                     self.store.delete_many(bad)
                 except StoreUnavailable:
                     pass
-            return ready, nbytes, bad, time.perf_counter() - started
+            return IoResult(ready, nbytes, time.perf_counter() - started, tuple(bad))
 
-        def done(result: Any, error: BaseException | None) -> None:
+        def done(result: IoResult | None, error: BaseException | None) -> None:
+            result = result or IoResult()
             if error is not None:
                 self._failed(error)
-                self._finish(request_id, state)
-                return
-            self.breaker.record_success()
-            ready, nbytes, bad, seconds = result
-            self.cost.observe_fetch(nbytes, seconds)
-            self.stats.add("l3_corrupt_pages", len(bad))
-            self.stats.add("l3_get_bytes", nbytes)
-            state.ready = ready
+            elif result.count:
+                self.cost.observe_fetch(result.nbytes, result.seconds)
+            self.stats.add("l3_corrupt_pages", len(result.bad))
+            self.stats.add("l3_get_bytes", result.nbytes)
+            state.ready = result.count  # agreed: pages every rank holds
             self._finish(request_id, state)
 
         self.engine.submit_io(job, done)
@@ -447,10 +475,7 @@ class StorageTier:
         if state.abandoned:  # admitted without it: keep the pages for later requests
             if self.prefetches.get(request_id) is state:
                 del self.prefetches[request_id]
-            if self.insert_late:
-                self.materialize(state)
-            else:
-                self.release(state)
+            self.materialize(state)  # applied at the agreed step: the same on every rank
 
     def materialize(self, state: Prefetch, pages: int | None = None) -> int:
         """Record the first ``pages`` fetched pages (default: all that arrived) in the
@@ -490,8 +515,20 @@ class StorageTier:
         else:
             state.abandoned = True
 
+    def _remember_absent(self, key: bytes, until: float) -> None:
+        """Worker threads: trust "not in the store" for ``key`` until ``until`` (bounded:
+        expired entries are pruned when the cache grows)."""
+        self._absent[key] = until
+        if len(self._absent) > MAX_ABSENT:
+            now = time.monotonic()
+            for stale in [k for k, t in list(self._absent.items()) if t <= now]:
+                self._absent.pop(stale, None)
+            while len(self._absent) > MAX_ABSENT:  # all still fresh: drop the oldest
+                self._absent.pop(next(iter(self._absent)), None)
+
     def reset(self) -> None:
-        self.prefetches.clear()
+        for request_id in list(self.prefetches):
+            self.forget(request_id)
         self._absent.clear()
 
 
@@ -510,8 +547,3 @@ def wait_ready(mode: str, state: Prefetch | None, budget: float, now: float) -> 
     if mode == "wait_complete":
         return False
     return now - state.submitted_at >= budget
-
-
-def agreed(values: Sequence[int], reduce_min: Callable[[list[int]], list[int]] | None) -> list[int]:
-    """MIN over TP ranks (identity on a single rank)."""
-    return list(values) if reduce_min is None else reduce_min(list(values))

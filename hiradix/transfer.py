@@ -2,8 +2,9 @@
 
 Everything that moves KV between tiers goes through here as an order. The tree never
 blocks: it submits an order with a completion callback and the engine runs that callback
-later, *on the thread that calls ``poll``* (the scheduler thread), so the tree stays
-single-threaded.
+later, *on the scheduler thread, at the step that applies it* (``apply``/``poll``), so the
+tree stays single-threaded and changes only at that step, never inside a lookup or an
+eviction.
 
 Orders:
 
@@ -15,11 +16,13 @@ Orders:
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,9 +36,44 @@ CopyDone = Callable[[bool], None]
 IoDone = Callable[[Any, BaseException | None], None]
 
 
+@dataclass(frozen=True, slots=True)
+class IoResult:
+    """What a store job reports. With tensor parallelism each rank's job sees its own
+    shard of the store, so the ranks agree on one result before anyone acts on it:
+    ``count`` (pages present / read / stored, from the start) and ``nbytes`` take the MIN
+    over ranks, ``seconds`` the MAX. ``bad`` stays this rank's own (for its stats)."""
+
+    count: int = 0
+    nbytes: int = 0
+    seconds: float = 0.0
+    bad: tuple[str, ...] = ()
+
+
+class _IoOrder:
+    """One store job: filled in by its worker thread, applied on the scheduler thread."""
+
+    __slots__ = ("done", "error", "on_done", "result")
+
+    def __init__(self, on_done: IoDone):
+        self.on_done = on_done
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+LANES = ("read", "write")
+
+
 class TransferEngine:
-    """Submit/poll front for every copy and store IO. ``poll``/``demote``/``load``/
-    ``submit_io`` are called on the scheduler thread only; IO jobs run on worker threads."""
+    """Submit/poll front for every copy and store IO. ``demote``/``load``/``submit_io``/
+    ``ready``/``apply``/``poll`` are called on the scheduler thread only; IO jobs run on
+    worker threads, which only *report* that they finished.
+
+    Completions change the tree only when the scheduler applies them, in submission order
+    per queue (device copies, store reads, store writes): ``ready()`` says how many orders
+    at the head of each queue have finished, ``apply(counts)`` runs the callbacks of that
+    many. With tensor parallelism every rank applies the MIN of the ranks' counts at the
+    same step, so all trees see the same completions (see ``HiRadixCache.step``)."""
 
     def __init__(self, copier: KvCopier | None = None, *, io_workers: int = 2):
         self.copier = copier
@@ -43,11 +81,11 @@ class TransferEngine:
         self._copies: list[tuple[CopyHandle, CopyDone]] = []
         # Two lanes: lookups a request may be waiting on never queue behind bulk writes.
         self._io_pools: dict[str, ThreadPoolExecutor] = {}
-        self._io_done: queue.SimpleQueue[tuple[IoDone, Any, BaseException | None]] = (
-            queue.SimpleQueue()
-        )
-        self._io_in_flight = 0
+        self._io_orders: dict[str, collections.deque[_IoOrder]] = {
+            lane: collections.deque() for lane in LANES
+        }
         self._lock = threading.Lock()  # guards nothing but the pool's lazy creation
+        self._wakeup = threading.Event()  # set by workers, for drain()
         self.copy_failures = 0
 
     # ------------------------------------------------------------------ copies
@@ -71,10 +109,16 @@ class TransferEngine:
             raise RuntimeError("transfer engine has no KV copier (host tier disabled)")
         return self.copier.host_to_device(host_idx, device_idx)
 
+    def track(self, handle: CopyHandle, on_done: CopyDone) -> None:
+        """Run ``on_done(True)`` once ``handle`` is done and applied (a load whose source
+        host slots must stay reserved until the copy has read them)."""
+        self._copies.append((handle, on_done))
+
     # ------------------------------------------------------------------ store IO
     def submit_io(self, job: Callable[[], Any], on_done: IoDone, *, lane: str = "read") -> None:
         """Run ``job`` on an IO thread of ``lane`` (``read``: lookups and fetches a request
-        may wait on; ``write``: write-through); ``on_done(result, error)`` runs from ``poll``."""
+        may wait on; ``write``: write-through); ``on_done(result, error)`` runs when the
+        scheduler applies the completion (``apply``/``poll``)."""
         pool = self._io_pools.get(lane)
         if pool is None:
             with self._lock:
@@ -87,64 +131,86 @@ class TransferEngine:
                         initargs=(f"hiradix-{lane}",),
                     )
                     self._io_pools[lane] = pool
-        self._io_in_flight += 1
+        order = _IoOrder(on_done)
+        self._io_orders[lane].append(order)
+        wakeup = self._wakeup
 
         def run() -> None:
             try:
-                result = job()
+                order.result = job()
             except BaseException as exc:  # noqa: BLE001 - handed to the scheduler thread's callback
-                self._io_done.put((on_done, None, exc))
-            else:
-                self._io_done.put((on_done, result, None))
+                order.error = exc
+            order.done = True  # last: the scheduler thread reads result/error after it
+            wakeup.set()
 
         pool.submit(run)
 
     # ------------------------------------------------------------------ completion
     @property
     def in_flight(self) -> int:
-        return len(self._copies) + self._io_in_flight
+        return len(self._copies) + sum(len(q) for q in self._io_orders.values())
+
+    def ready(self) -> list[int]:
+        """How many orders at the head of each queue (copies, reads, writes) are done."""
+        copies = 0
+        for handle, _ in self._copies:
+            if not handle.done():
+                break
+            copies += 1
+        counts = [copies]
+        for lane in LANES:
+            n = 0
+            for order in self._io_orders[lane]:
+                if not order.done:
+                    break
+                n += 1
+            counts.append(n)
+        return counts
+
+    def peek_results(self, lane: str, count: int) -> list[tuple[Any, BaseException | None]]:
+        """Results of the first ``count`` finished orders of ``lane`` (not yet applied)."""
+        orders = self._io_orders[lane]
+        return [(orders[i].result, orders[i].error) for i in range(min(count, len(orders)))]
+
+    def agree(self, lane: str, results: list[Any]) -> None:
+        """Replace the results of the first ``len(results)`` finished orders of ``lane``
+        with the values the ranks agreed on (errors stay this rank's own)."""
+        orders = self._io_orders[lane]
+        for i, result in enumerate(results):
+            orders[i].result = result
+
+    def apply(self, counts: list[int]) -> int:
+        """Run the callbacks of the first ``counts[i]`` finished orders of each queue, in
+        submission order; returns how many ran. Never blocks."""
+        ran = 0
+        if counts[0]:
+            head, self._copies = self._copies[: counts[0]], self._copies[counts[0] :]
+            for handle, on_done in head:
+                on_done(handle is not _FAILED)
+                ran += 1
+        for lane, count in zip(LANES, counts[1:], strict=True):
+            orders = self._io_orders[lane]
+            for _ in range(min(count, len(orders))):
+                order = orders.popleft()
+                order.on_done(order.result, order.error)
+                ran += 1
+        return ran
 
     def poll(self) -> int:
-        """Run the callbacks of every finished order; returns how many ran. Never blocks."""
-        ran = 0
-        if self._copies:
-            still = []
-            for handle, on_done in self._copies:
-                if handle.done():
-                    on_done(handle is not _FAILED)
-                    ran += 1
-                else:
-                    still.append((handle, on_done))
-            self._copies = still
-        while True:
-            try:
-                io_done, result, error = self._io_done.get_nowait()
-            except queue.Empty:
-                break
-            self._io_in_flight -= 1
-            io_done(result, error)
-            ran += 1
-        return ran
+        """Apply every finished order (a single rank: nobody to agree with)."""
+        return self.apply(self.ready())
 
     def drain(self, timeout: float = 60.0) -> None:
         """Wait for every order and run its callback (flush / shutdown)."""
-        for handle, _ in self._copies:
-            handle.wait()
-        self.poll()
-        if self._io_in_flight:
-            deadline_left = timeout
-            while self._io_in_flight and deadline_left > 0:
-                try:
-                    io_done, result, error = self._io_done.get(timeout=min(0.1, deadline_left))
-                except queue.Empty:
-                    deadline_left -= 0.1
-                    continue
-                self._io_in_flight -= 1
-                io_done(result, error)
-            if self._io_in_flight:
-                logger.warning(
-                    "hiradix: %d store IO jobs still running after drain", self._io_in_flight
-                )
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            for handle, _ in self._copies:
+                handle.wait()
+            self._wakeup.clear()
+            if not self.poll() and self.in_flight:
+                self._wakeup.wait(0.05)
+        if self.in_flight:
+            logger.warning("hiradix: %d transfers still running after drain", self.in_flight)
 
     def shutdown(self) -> None:
         self.drain()

@@ -95,13 +95,28 @@ class LeafQueue:
 
 
 class Ticket:
-    """Completion flag shared by every node piece an in-flight transfer covers."""
+    """Completion flag of the host write that fills a node's slots, shared by every piece
+    a split makes of that node (``nodes``): until it is done the slots are being written,
+    so no piece's slots may be handed back, even if the piece leaves the tree."""
 
-    __slots__ = ("done", "failed")
+    __slots__ = ("done", "failed", "nodes")
 
     def __init__(self) -> None:
         self.done = False
         self.failed = False
+        self.nodes: list[Node] = []
+
+
+class Pin:
+    """A reader's hold on host copies (a load-back, an L3 write, a demotion that adds a
+    child), shared by every piece a split makes of a pinned node (``nodes``): releasing
+    the pin releases all of them, and slots of a piece that left the tree meanwhile are
+    handed back only then."""
+
+    __slots__ = ("nodes",)
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +157,6 @@ class Node:
         "l2_at",
         "l2_pins",
         "l2_ticket",
-        "l3_until",
         "last_access",
         "lock_ref",
         "namespace",
@@ -159,7 +173,7 @@ class Node:
         self.l1: Any = None
         self.l2: Any = None
         self.l2_ticket: Ticket | None = None
-        self.l2_pins = 0  # loads from L2 in flight: the host copy must stay
+        self.l2_pins: list[Pin] = []  # readers of the host copy: it must stay
         self.lock_ref = 0
         self.hits = 0
         self.priority = 0
@@ -170,7 +184,6 @@ class Node:
         self.l1_at = now
         self.l2_at = now
         self.keys: list[PageKey] | None = None
-        self.l3_until = 0.0  # its pages are known to be in the L3 store until then
         self.namespace: Hashable = parent.namespace if parent is not None else None
 
     def __len__(self) -> int:
@@ -179,6 +192,11 @@ class Node:
     @property
     def l2_ready(self) -> bool:
         return self.l2 is not None and (self.l2_ticket is None or self.l2_ticket.done)
+
+    @property
+    def l2_busy(self) -> bool:
+        """Whether the host slots are being read or written (they cannot be handed back)."""
+        return bool(self.l2_pins) or (self.l2_ticket is not None and not self.l2_ticket.done)
 
     def __repr__(self) -> str:
         return (
@@ -442,10 +460,13 @@ class RadixTree:
             "l1_at",
             "l2_at",
             "l2_ticket",
-            "l2_pins",
-            "l3_until",
         ):
             setattr(upper, attr, getattr(child, attr))
+        upper.l2_pins = list(child.l2_pins)
+        for pin in upper.l2_pins:  # the reader holds both pieces now
+            pin.nodes.append(upper)
+        if upper.l2_ticket is not None:
+            upper.l2_ticket.nodes.append(upper)
         if child.l1 is not None:
             upper.l1, child.l1 = child.l1[:at], child.l1[at:]
         if child.l2 is not None:
@@ -502,7 +523,7 @@ class RadixTree:
             self.l1_leaves.discard(node)
         if (
             node.l2_ready
-            and node.l2_pins == 0
+            and not node.l2_pins
             and not any(c.l2 is not None for c in node.children.values())
         ):
             self.l2_leaves.add(node)
@@ -566,39 +587,49 @@ class RadixTree:
         pieces.append(node)
         return pieces
 
-    def pin_l2(self, node: Node) -> None:
-        """Keep ``node``'s host copy while a load reads it (or a child is being added)."""
-        node.l2_pins += 1
+    def pin_l2(self, node: Node) -> Pin:
+        """Keep ``node``'s host copy while a reader uses it; release with ``unpin_l2``."""
+        pin = Pin()
+        pin.nodes.append(node)
+        node.l2_pins.append(pin)
         self.l2_leaves.discard(node)
+        return pin
 
-    def unpin_l2(self, node: Node) -> None:
-        node.l2_pins -= 1
-        if node.parent is not None:
-            self._update_leaf(node)
-        elif node.l2_pins == 0 and node.l2 is not None:
-            # removed from the tree while a reader held its slots: free them only now
+    def unpin_l2(self, pin: Pin) -> None:
+        """Release ``pin`` on every piece it holds (pieces split off since included)."""
+        nodes, pin.nodes = pin.nodes, []
+        for node in nodes:
+            node.l2_pins.remove(pin)
+            if node.parent is not None:
+                self._update_leaf(node)
+            else:
+                self._release_detached_l2(node)
+
+    def _release_detached_l2(self, node: Node) -> None:
+        """Hand back the host slots of a node that left the tree once nobody uses them."""
+        if node.parent is None and node.l2 is not None and not node.l2_busy:
             self.free_l2(node.l2)
             node.l2 = None
 
     def finish_ticket(self, node: Node, ticket: Ticket, ok: bool) -> None:
-        """The host write behind ``ticket`` (covering ``node`` and any upper pieces split
-        off it meanwhile) completed; on failure every piece drops its host slots."""
+        """The host write behind ``ticket`` (covering ``node`` and every piece split off
+        it meanwhile) completed; on failure every piece drops its host slots."""
         ticket.done = True
         ticket.failed = not ok
-        top = node
-        while top.parent is not None and top.parent.l2_ticket is ticket:
-            top = top.parent
-        if ok:
-            cur: Node | None = node
-            while cur is not None and cur.l2_ticket is ticket:
-                cur.l2_ticket = None
-                if cur.parent is not None:
-                    self._update_leaf(cur)
-                cur = cur.parent
-            if top.parent is not None:
-                self._update_leaf(top.parent)
-        elif top.parent is not None:
-            self._drop_host_subtree(top)
+        pieces, ticket.nodes = ticket.nodes, []
+        for piece in pieces:
+            if piece.l2_ticket is not ticket:
+                continue  # the piece lost its host copy meanwhile
+            piece.l2_ticket = None
+            if piece.parent is None:
+                self._release_detached_l2(piece)
+            elif ok:
+                self._update_leaf(piece)
+                self._update_leaf(piece.parent)
+        if not ok:
+            for piece in pieces:
+                if piece.parent is not None and piece.l2 is not None:
+                    self._drop_host_subtree(piece)
 
     def _drop_l1(self, node: Node) -> int:
         size = len(node)
@@ -624,7 +655,7 @@ class RadixTree:
         return self._evict(self.l2_leaves, self._drop_l2, num_tokens)
 
     def _drop_l2(self, node: Node) -> int:
-        if node.l2_pins > 0:  # a reader holds the slots; it goes when they are released
+        if node.l2_busy:  # read or written now: it goes later (eviction, expiry, release)
             return 0
         size = len(node)
         self.free_l2(node.l2)
@@ -671,11 +702,18 @@ class RadixTree:
             raise ValueError(f"{node!r} already has host slots")
         node.l2 = slots
         node.l2_ticket = ticket
+        if ticket is not None:
+            ticket.nodes.append(node)
         node.l2_at = self.clock()
         self.l2_tokens += len(node)
         self._update_leaf(node)
         if node.parent is not None:
             self._update_leaf(node.parent)
+
+    def evict_host_copy(self, node: Node) -> None:
+        """Drop the host copies of ``node`` and of its subtree (e.g. a copy that failed
+        verification); copies that a reader holds go when it lets them go."""
+        self._drop_host_subtree(node)
 
     def _drop_host_subtree(self, node: Node) -> None:
         for child in list(node.children.values()):
@@ -704,15 +742,13 @@ class RadixTree:
             self.free_l1(node.l1)
             self.evictable_tokens -= len(node)
             node.l1 = None
-        if node.l2 is not None:
-            self.l2_tokens -= len(node)
-            if node.l2_pins == 0:
-                self.free_l2(node.l2)
-                node.l2 = None
-            # else: a reader (an L3 write) still holds the slots; unpin_l2 frees them
         self.l1_leaves.discard(node)
         self.l2_leaves.discard(node)
         node.parent = None
+        if node.l2 is not None:
+            self.l2_tokens -= len(node)
+            # slots read or written now are handed back by unpin_l2 / finish_ticket
+            self._release_detached_l2(node)
 
     # ------------------------------------------------------------------ TTL
     def _due(self, node: Node, rule: TierTtl, written_at: float, now: float) -> bool:
@@ -729,8 +765,7 @@ class RadixTree:
         changed = False
         if (
             node.l2 is not None
-            and node.l2_pins == 0
-            and node.l2_ticket is None
+            and not node.l2_busy
             and self._due(node, self.ttl.host, node.l2_at, now)
         ):
             self.expired_tokens["l2"] += self._subtree_tokens(node, "l2")

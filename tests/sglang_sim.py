@@ -165,7 +165,8 @@ class Scheduler:
             cache_salt=None,
         )
         deadline = time.monotonic() + timeout
-        while not self.cache.check_prefetch_progress(handle):
+        # each scheduler iteration runs hiradix's agreed step first (plugin hook)
+        while self.cache.step() or not self.cache.check_prefetch_progress(handle):
             assert time.monotonic() < deadline, "prefetch never became ready"
             time.sleep(0.005)
         req.storage_hit = self.cache.pop_prefetch_loaded_tokens(handle)

@@ -181,7 +181,6 @@ def test_host_slots_reserved_for_fetches_never_leak(store_cfg):
 
     cache, pools, sched = server(store_cfg)
     storage = cache.storage
-    storage.insert_late = False
     ns = (None, None)
 
     def balanced() -> bool:
@@ -196,7 +195,9 @@ def test_host_slots_reserved_for_fetches_never_leak(store_cfg):
 
     assert storage.prefetch("forgotten-in-flight", ns, array("q", prompts[1]), 0)
     storage.forget("forgotten-in-flight")
-    cache.engine.drain()
+    cache.engine.drain()  # finished after its request left: the pages land in the tree
+    assert balanced() and cache.slab.used_slots == cache.tree.l2_tokens == 64
+    cache.tree.evict_l2(64)
     assert balanced() and cache.slab.used_slots == 0
 
     storage.store = FaultyStore(storage.store, corrupt_rate=1.0)  # no page verifies

@@ -313,13 +313,13 @@ def test_pinned_host_copy_outlives_removal_of_its_path():
     child = tree.insert(None, child_tokens, pool.alloc(None, child_tokens)).node
     slots = host.alloc(None, child_tokens[4:])
     tree.attach_l2(child, slots, None)
-    tree.pin_l2(child)
+    pin = tree.pin_l2(child)
     tree.evict_l1(2)  # the child's device copy goes; its host copy stays
     assert child.l1 is None and child.l2 is not None
     tree.evict_l1(4)  # the parent (device only) goes, taking the child out of the tree
     assert parent.parent is None and child.parent is None
     assert not set(slots) & host.freed  # still being read
-    tree.unpin_l2(child)
+    tree.unpin_l2(pin)
     assert set(slots) <= host.freed
     tree.check_invariants()
 

@@ -140,14 +140,14 @@ class Tiers:
             return 0
         short = tokens - (self.l2_capacity - self.tree.l2_tokens)
         if short > 0:
-            pin = keep is not None and keep.parent is not None
-            if pin:
-                self.tree.pin_l2(keep)  # type: ignore[arg-type]
+            pin = (
+                self.tree.pin_l2(keep) if keep is not None and keep.parent is not None else None
+            )
             try:
                 self.counters["l2_evicted_tokens"] += self.tree.evict_l2(int(short))
             finally:
-                if pin:
-                    self.tree.unpin_l2(keep)  # type: ignore[arg-type]
+                if pin is not None:
+                    self.tree.unpin_l2(pin)
         return int(min(tokens, self.l2_capacity - self.tree.l2_tokens))
 
     # ------------------------------------------------------------------ L3

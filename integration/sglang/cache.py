@@ -50,10 +50,11 @@ from hiradix.policies.base import (
 )
 from hiradix.policies.registry import create_policy
 from hiradix.policies.views import RadixTreeView
-from hiradix.storage_tier import StorageTier, agreed, wait_ready
-from hiradix.transfer import TransferEngine
+from hiradix.storage_tier import StorageTier, wait_ready
+from hiradix.transfer import LANES, IoResult, TransferEngine
 from hiradix.tree import Node, RadixTree, Ticket, TierTtl, TtlRules
 from hiradix.types import Tier
+from hiradix.verify import PageVerifier, digest, mode_from_env
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -77,7 +78,9 @@ def ttl_rules(config: HiradixConfig) -> TtlRules:
 
 RETRY_LIMIT = 256  # paths waiting for host memory to drain to L3
 MAX_BACKGROUND_PREFETCH = 64  # L3 lookups in flight for policy plans and requests
-TICK_SECONDS = 1.0  # how often the prefetch policy's on_tick runs
+TICK_SECONDS = 1.0  # how often the prefetch policy's on_tick runs (agreed clock)
+AGREED_IO = 16  # store completions per IO lane agreed per step (the rest wait a step)
+_NEUTRAL = 2**62  # a value that never lowers a MIN
 
 
 class HiRadixCache(BasePrefixCache):
@@ -102,13 +105,19 @@ class HiRadixCache(BasePrefixCache):
         self.page_size = params.page_size
         self.is_eagle = params.is_eagle
         self.config = config
-        self.clock = clock
+        self.clock = clock  # this rank's own clock: read only by ``step``
+        #: the agreed time (MIN over TP ranks of their clocks at the last step): every TTL,
+        #: policy event and wait decision reads this, never a rank's own clock
+        self.now = clock()
         allocator = self.token_to_kv_pool_allocator
         dev = getattr(allocator, "device", "cpu") if allocator is not None else "cpu"
         self.device = (
             torch.device(dev) if isinstance(dev, (str, torch.device)) else torch.device("cpu")
         )
         self.stats = Stats()
+        verify = mode_from_env()
+        self.verifier: PageVerifier | None = None if verify == "off" else PageVerifier(verify)
+        self._device_kv: list[torch.Tensor] = []
         self.exporter: PrometheusExporter | None = None
         if params.enable_metrics:
             self.init_metrics_collector()
@@ -117,7 +126,7 @@ class HiRadixCache(BasePrefixCache):
             self.page_size,
             eviction=config.eviction_policy.value,
             ttl=ttl_rules(config),
-            clock=clock,
+            clock=self._agreed_now,
             free_l1=self._free_device,
         )
         self.write_policy = config.write_policy.value
@@ -145,7 +154,7 @@ class HiRadixCache(BasePrefixCache):
         self.policy = GuardedPolicy(create_policy(config.prefetch))
         self._last_tick = 0.0
         self._computed_tokens = 0
-        self._last_flush = self.clock()
+        self._last_flush = self.now
         self._plan_seq = 0
         self._announced: set[str] = set()
         self.reset()
@@ -192,8 +201,9 @@ class HiRadixCache(BasePrefixCache):
             presence_ttl=store_cfg.presence_ttl,
             write_queue_pages=store_cfg.write_queue_pages,
             breaker=CircuitBreaker(),
+            clock=self._agreed_now,
         )
-        self.storage.insert_late = self._tp_size() == 1
+        self.storage.verifier = self.verifier
         self.storage.queued = lambda: len(self.waiting())
         logger.info(
             "hiradix: L3 %s store, %d-token pages, model id %s",
@@ -211,6 +221,59 @@ class HiRadixCache(BasePrefixCache):
         tensor = torch.tensor(values, dtype=torch.int64)
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN, group=self.tp_group)
         return tensor.tolist()
+
+    def _agreed_now(self) -> float:
+        return self.now
+
+    # ------------------------------------------------------------------ the agreed step
+    def step(self) -> None:
+        """The one place where finished IO changes the tree, once per scheduler iteration
+        (SGLang's ``_process_hicache_events``, which every TP rank reaches in the same
+        order) and after each batch result (``flush_pending_backups``). IO threads and
+        copy events only *report* that they finished; here every rank takes the MIN over
+        ranks of how many orders have finished at the head of each queue, of their
+        results and of the clocks, in one collective of fixed shape, applies exactly that
+        many completions in submission order, then does the housekeeping that changes
+        what ``match_prefix`` returns or ``evict`` picks (demotions, L3 writes, policy
+        ticks, TTL expiry) on the agreed clock. Nothing else polls: a lookup or an
+        eviction never sees the tree change under it."""
+        if self.disable:
+            return
+        counts = self.engine.ready()
+        local_now = self.clock()
+        if self._tp_size() > 1:
+            counts, local_now = self._agree(counts, local_now)
+        self.now = max(self.now, local_now)
+        self.engine.apply(counts)
+        self._service()
+
+    def _agree(self, counts: list[int], now: float) -> tuple[list[int], float]:
+        """One MIN all-reduce of ``[copies, reads, writes, clock_us]`` plus, for the first
+        ``AGREED_IO`` finished orders of each IO lane, ``(count, nbytes, -microseconds)``
+        (neutral values past a rank's own finished orders)."""
+        counts = [counts[0], *(min(c, AGREED_IO) for c in counts[1:])]
+        vector = [*counts, int(now * 1e6)]
+        for lane, count in zip(LANES, counts[1:], strict=True):
+            results = self.engine.peek_results(lane, count)
+            for i in range(AGREED_IO):
+                if i < len(results):
+                    res = results[i][0] or IoResult()
+                    vector += [res.count, res.nbytes, -int(res.seconds * 1e6)]
+                else:
+                    vector += [_NEUTRAL, _NEUTRAL, _NEUTRAL]
+        agreed = self._reduce_min(vector)
+        counts = agreed[:3]
+        offset = 4
+        for lane, count in zip(LANES, counts[1:], strict=True):
+            mine = self.engine.peek_results(lane, count)
+            values = []
+            for i in range(count):
+                n, nbytes, neg_us = agreed[offset + 3 * i : offset + 3 * i + 3]
+                own = mine[i][0] or IoResult()
+                values.append(IoResult(n, nbytes, -neg_us / 1e6, own.bad))
+            self.engine.agree(lane, values)
+            offset += 3 * AGREED_IO
+        return counts, agreed[3] / 1e6
 
     def _init_host_tier(self, forward_stream: Any) -> None:
         """Size and allocate the host slab from the config and the device pool's shape."""
@@ -244,6 +307,7 @@ class HiRadixCache(BasePrefixCache):
             pin_memory=k0.is_cuda,
         )
         self.tree.free_l2 = self.slab.free
+        self._device_kv = [*device_k, *device_v]
         if k0.is_cuda and getattr(kv, "layer_transfer_counter", None) is None:
             self.load_gate = LayerLoadGate()
             kv.register_layer_transfer_counter(self.load_gate)
@@ -321,8 +385,6 @@ class HiRadixCache(BasePrefixCache):
         tokens = self._tokens(params.key)
         if len(tokens) == 0:
             return self._empty_match()
-        if self.engine.in_flight:
-            self.engine.poll()
         found = self.tree.match(self._namespace(params.key), tokens)
         return MatchResult(
             device_prefix_len=found.l1_len,
@@ -418,6 +480,36 @@ class HiRadixCache(BasePrefixCache):
         if self.slab is not None and self.write_policy != "write_back":
             self._pending_demote.append(node)
 
+    # ------------------------------------------------------------------ verify mode
+    def _device_digests(self, device_idx: torch.Tensor) -> list[bytes]:
+        """Digest of each page's KV (every layer, K and V) at ``device_idx``."""
+        n = len(device_idx)
+        if n == 0 or not self._device_kv:
+            return []
+        idx = device_idx.to(self._device_kv[0].device)
+        rows = [t.index_select(0, idx).reshape(n, -1).view(torch.uint8) for t in self._device_kv]
+        pages = torch.cat(rows, dim=1).reshape(n // self.page_size, -1).cpu().numpy()
+        return [digest(row.tobytes()) for row in pages]
+
+    def _verify_load(self, run: list[Node], device_idx: torch.Tensor, handle: Any) -> bool:
+        """Verify mode: whether the pages loaded into ``device_idx`` are the KV written down
+        for ``run``. On a mismatch the device slots are freed and the run's host copies
+        dropped, so the request recomputes instead of reading wrong KV."""
+        assert self.verifier is not None
+        handle.wait()
+        keys = [key for x in run for key in self.tree.page_keys(x)]
+        if not self.verifier.check(keys, self._device_digests(device_idx), "load-back to L1"):
+            return True
+        self._free_device(device_idx)
+        return False
+
+    def _verify_record(self, node: Node) -> None:
+        """Verify mode: remember the digests of ``node``'s device pages as they go down."""
+        if self.verifier is not None and node.l1 is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # the forward that wrote them is done
+            self.verifier.record(self.tree.page_keys(node), self._device_digests(node.l1))
+
     # ------------------------------------------------------------------ host tier
     def _qualifies(self, node: Node) -> bool:
         if self.write_policy == "write_through_selective":
@@ -433,15 +525,14 @@ class HiRadixCache(BasePrefixCache):
             parent = node.parent
             assert parent is not None
             # a parent known only on host must keep that copy (the path would break)
-            pin = parent.l1 is None and parent.l2 is not None
-            if pin:
-                self.tree.pin_l2(parent)
+            keep = parent.l1 is None and parent.l2 is not None
+            pin = self.tree.pin_l2(parent) if keep else None
             try:
                 freed = self.tree.evict_l2(need - self.slab.free_slots)
                 self.stats.add("l2_evicted_tokens", freed)
             finally:
-                if pin:
-                    self.tree.unpin_l2(parent)
+                if pin is not None:
+                    self.tree.unpin_l2(pin)
             slots = self.slab.alloc(need)
         if slots is None:
             self.stats.add("l2_full_skips")
@@ -475,6 +566,7 @@ class HiRadixCache(BasePrefixCache):
                 self.engine.demote(
                     node.l1, slots, lambda ok, n=node, t=ticket: self._demoted(n, t, ok)
                 )
+                self._verify_record(node)
         return True
 
     def _demoted(self, node: Node, ticket: Ticket, ok: bool) -> None:
@@ -498,6 +590,7 @@ class HiRadixCache(BasePrefixCache):
             return False
         assert self.engine.copier is not None
         self.engine.copier.device_to_host(node.l1, slots).wait()
+        self._verify_record(node)
         self.tree.attach_l2(node, slots, None)
         if self.storage is not None:
             self._pending_save.append(node)
@@ -506,8 +599,7 @@ class HiRadixCache(BasePrefixCache):
         return True
 
     def _service(self) -> None:
-        """Scheduler-thread housekeeping: completions, queued demotions, TTL, gauges."""
-        self.engine.poll()
+        """The agreed step's housekeeping: queued demotions, L3 writes, TTL, gauges."""
         if self._pending_demote:
             pending, self._pending_demote = self._pending_demote, []
             retry = []
@@ -515,7 +607,6 @@ class HiRadixCache(BasePrefixCache):
                 if node.parent is not None and node.l1 is not None and not self._demote_path(node):
                     retry.append(node)
             self._pending_demote = retry[:RETRY_LIMIT] + self._pending_demote
-            self.engine.poll()  # synchronous (CPU) copies complete at once
         if self._pending_save:
             pending_save, self._pending_save = self._pending_save, []
             assert self.storage is not None
@@ -533,19 +624,23 @@ class HiRadixCache(BasePrefixCache):
         gauges["l2_used_slots"] = self.slab.used_slots if self.slab is not None else 0
         gauges["l2_tokens"] = self.tree.l2_tokens
         gauges["in_flight"] = self.engine.in_flight
+        if self.verifier is not None:
+            self.stats.counters["verify_checked_pages"] = self.verifier.checked
+            self.stats.counters["verify_unchecked_pages"] = self.verifier.unchecked
+            self.stats.counters["verify_mismatches"] = self.verifier.mismatches
         if self.exporter is not None:
             self.exporter.export(self.stats)
 
     def flush_pending_backups(self) -> None:
         if self.disable:
             return
-        now = self.clock()
+        self.step()
+        now = self.now
         if self._computed_tokens and self.storage is not None and now - self._last_flush < 5.0:
             # a batch that prefilled these tokens just ended: an online prefill speed
             self.storage.cost.observe_prefill(self._computed_tokens, now - self._last_flush)
         self._computed_tokens = 0
         self._last_flush = now
-        self._service()
 
     def stats_snapshot(self) -> StatsSnapshot:
         """Counters and gauges of this cache (Python API; Prometheus mirrors them)."""
@@ -555,8 +650,6 @@ class HiRadixCache(BasePrefixCache):
         if self.disable:
             return EvictResult()
         start = time.perf_counter()
-        if self.engine.in_flight:
-            self.engine.poll()
         demote = self._write_back if self.write_policy == "write_back" else None
         freed = self.tree.evict_l1(params.num_tokens, demote=demote)
         self.stats.add("l1_evicted_tokens", freed)
@@ -640,10 +733,13 @@ class HiRadixCache(BasePrefixCache):
         """Copy the host-ready ``run`` (a chain hanging below the device-resident
         ``anchor``) to new device slots and attach them. Later forwards see the KV: on CUDA
         they wait for the copy (per layer through the load gate, else one event); on CPU
-        the copy is done on return. ``False`` when the device slots cannot be had."""
+        the copy is done on return. The host copies stay pinned until the copy has read
+        them. ``False`` when the device slots cannot be had (or, in verify mode, when what
+        landed is not what went down: the host copies are then dropped)."""
         total = sum(len(x) for x in run)
-        for x in run:
-            self.tree.pin_l2(x)
+        pins = [self.tree.pin_l2(x) for x in run]
+        handle: Any = None
+        rejected = False
         try:
             allocator = self.token_to_kv_pool_allocator
             if allocator.available_size() < total:
@@ -663,23 +759,36 @@ class HiRadixCache(BasePrefixCache):
                 self.forward_stream.wait_event(handle.events[-1])
             else:
                 handle.wait()
+            if self.verifier is not None and not self._verify_load(run, device_idx, handle):
+                rejected = True
+                return False
             offset = 0
             for x in run:
                 self.tree.attach_l1(x, device_idx[offset : offset + len(x)])
                 offset += len(x)
         finally:
-            for x in run:
-                self.tree.unpin_l2(x)
+            if handle is not None and not handle.done():
+                self.engine.track(handle, lambda ok: self._unpin(pins))
+            else:
+                self._unpin(pins)
+            if rejected:
+                for x in run:
+                    if x.parent is not None and x.l2 is not None:
+                        self.tree.evict_host_copy(x)
         self.stats.add("l2_to_l1_tokens", total)
         self.stats.add("h2d_bytes", total * self.slab.bytes_per_token)
         return True
+
+    def _unpin(self, pins: list[Any]) -> None:
+        for pin in pins:
+            self.tree.unpin_l2(pin)
 
     def _stage_for_request(self, rid: str, namespace: Hashable, tokens: array) -> None:
         """Stage an arriving request's prefix to the device, by the engines' rule
         (:class:`~hiradix.policies.base.StagedForRequests`)."""
         ahead = sum(self._new_by_rid.get(r.rid, 0) for r in self.waiting() if r.rid != rid)
         found = self.tree.match(namespace, tokens, touch=False)
-        now = self.clock()
+        now = self.now
         pool = self.token_to_kv_pool_allocator.size
         if not self._staged_for.fits(found.host_len, now=now, l1_tokens=pool, queued_new=ahead):
             self.stats.add("policy_plans_skipped")
@@ -799,7 +908,7 @@ class HiRadixCache(BasePrefixCache):
         found = self.tree.match(namespace, tokens, touch=False)
         view = PathView(tokens, namespace)
         event = ArrivalEvent(
-            self.clock(), rid, namespace, view, TierRun(found.l1_len, found.host_len, l3_tokens)
+            self.now, rid, namespace, view, TierRun(found.l1_len, found.host_len, l3_tokens)
         )
         self.stats.add("policy_events")
         local = found.total_len
@@ -853,11 +962,11 @@ class HiRadixCache(BasePrefixCache):
         namespace = (req.extra_key, req.cache_salt)
         view = PathView(array("q", req.full_untruncated_fill_ids), namespace)
         self.stats.add("policy_events")
-        for plan in self.policy.on_finish(FinishEvent(self.clock(), req.rid, namespace, view)):
+        for plan in self.policy.on_finish(FinishEvent(self.now, req.rid, namespace, view)):
             self._execute(plan)
 
     def _tick(self) -> None:
-        now = self.clock()
+        now = self.now
         if now - self._last_tick < TICK_SECONDS:
             return
         self._last_tick = now
@@ -872,30 +981,24 @@ class HiRadixCache(BasePrefixCache):
 
     def check_prefetch_progress(self, handle: Any) -> bool:
         """Admission gate: whether the request may be scheduled now (per the wait mode).
-        Every TP rank reaches this call for the same request, so the decision and the
-        number of pages taken are MIN-reduced before anything changes in the tree."""
+        It reads only agreed state (the prefetch's progress as applied at the last step,
+        the agreed clock), so every TP rank answers the same without a collective."""
         if self.storage is None:
             return True
-        self.engine.poll()
         state = self.storage.prefetches.get(handle.rid)
         prefetch = self.config.prefetch
         # never wait on a losing tier, unless others are queued to use the time
         others = self.storage.others_queued()
         budget = prefetch.wait_budget(len(state.tokens), others) if state is not None else 0.0
         worth = others or self.storage.cost.fetching
-        ready = wait_ready(
-            prefetch.wait.value if worth else "best_effort", state, budget, self.clock()
-        )
-        multi = self._tp_size() > 1
-        reduce = self._reduce_min if multi else None
+        ready = wait_ready(prefetch.wait.value if worth else "best_effort", state, budget, self.now)
         if state is None:
             return True
-        ready_pages = agreed([int(ready), state.ready if state.done else 0], reduce)
-        if not ready_pages[0]:
+        if not ready:
             return False
         self.storage.prefetches.pop(handle.rid, None)
         if state.done:
-            added = self.storage.materialize(state, ready_pages[1])
+            added = self.storage.materialize(state)
             if added:
                 self._l3_by_rid[handle.rid] = added
                 self._l3_to_report[handle.rid] = added
@@ -910,8 +1013,7 @@ class HiRadixCache(BasePrefixCache):
         return -1
 
     def check_hicache_events(self) -> None:
-        if not self.disable:
-            self._service()
+        self.step()
 
     def release_host_resources(self) -> None:
         self.engine.shutdown()

@@ -25,6 +25,9 @@ CONFIG_ENV = "HIRADIX_CONFIG"
 ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"
 FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"
 SCHEDULER_INIT = "sglang.srt.managers.scheduler.Scheduler.__init__"
+# once per scheduler iteration, on every TP rank, before any rank-local decision: the
+# point where SGLang's own HiCache runs its TP-wide consensus, and where hiradix's step runs
+SCHEDULER_STEP = "sglang.srt.managers.scheduler.Scheduler._process_hicache_events"
 
 _registered = False
 
@@ -45,6 +48,7 @@ def register() -> None:
     HookRegistry.register(ADD_CLI_ARGS, _add_cli_args, HookType.AFTER)
     HookRegistry.register(FROM_CLI_ARGS, _map_cli_args, HookType.BEFORE)
     HookRegistry.register(SCHEDULER_INIT, _after_scheduler_init, HookType.AFTER)
+    HookRegistry.register(SCHEDULER_STEP, _after_hicache_events, HookType.AFTER)
     _registered = True
 
 
@@ -52,7 +56,7 @@ def _check_hook_targets() -> None:
     """The hooks name SGLang internals: fail loudly if this SGLang moved them."""
     import pkgutil
 
-    for target in (ADD_CLI_ARGS, FROM_CLI_ARGS, SCHEDULER_INIT):
+    for target in (ADD_CLI_ARGS, FROM_CLI_ARGS, SCHEDULER_INIT, SCHEDULER_STEP):
         try:
             pkgutil.resolve_name(target)
         except (ImportError, AttributeError) as exc:
@@ -112,6 +116,13 @@ def _after_scheduler_init(result: Any, scheduler: Any, *args: Any, **kwargs: Any
         scheduler.enable_hicache_storage = True
         cache.waiting = lambda: scheduler.waiting_queue  # admission and staging read it
         logger.info("hiradix: L3 prefetch on request arrival enabled")
+
+
+def _after_hicache_events(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """hiradix's agreed step (``HiRadixCache.step``), once per scheduler iteration."""
+    step = getattr(getattr(scheduler, "tree_cache", None), "step", None)
+    if step is not None:
+        step()
 
 
 def load_process_config() -> Any:
