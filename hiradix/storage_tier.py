@@ -94,6 +94,7 @@ class StorageTier:
         block_tokens: int,
         codec: str = "none",
         level: int = 3,
+        mac_key: bytes | None = None,
         ttl: float | None = None,
         sliding: bool = True,
         presence_ttl: float = 10.0,
@@ -118,6 +119,7 @@ class StorageTier:
         self.codec = codec
         self.codec_name = codec_name(codec)
         self.level = level
+        self.mac_key = mac_key  # keyed page MAC (store.mac_key_env), or None
         self.ttl = ttl
         self.sliding = sliding
         self.presence_ttl = presence_ttl
@@ -270,8 +272,8 @@ class StorageTier:
             raw = both.view(torch.uint8).numpy()
             if self.verifier is not None:
                 self.verifier.record([meta.page_key], [digest(raw)])
-            return encode_page(raw, meta, self.codec, self.level)
-        frame, payload = raw_frame(meta)
+            return encode_page(raw, meta, self.codec, self.level, mac_key=self.mac_key)
+        frame, payload = raw_frame(meta, mac_key=self.mac_key)
         halves = payload.view(self._np_dtype).reshape(self.page_shape)
         first = _run_start(page_slots)
         for half, rows in zip(halves, self._slab_np, strict=True):
@@ -281,7 +283,7 @@ class StorageTier:
                 np.take(rows, page_slots.numpy(), axis=1, out=half)
         if self.verifier is not None:
             self.verifier.record([meta.page_key], [digest(payload)])
-        return seal_raw_frame(frame, meta)
+        return seal_raw_frame(frame, meta, mac_key=self.mac_key)
 
     def _remember_written(self, key: bytes) -> None:
         self._written[key] = None
@@ -408,7 +410,7 @@ class StorageTier:
                 if blob is None:
                     break
                 try:
-                    raw = decode_page(blob, meta)
+                    raw = decode_page(blob, meta, mac_key=self.mac_key)
                 except CorruptPage as exc:
                     logger.warning("hiradix: corrupt L3 page %s: %s", store_key, exc)
                     bad.append(store_key)

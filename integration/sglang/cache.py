@@ -196,6 +196,7 @@ class HiRadixCache(BasePrefixCache):
             block_tokens=store_cfg.block_tokens,
             codec=self.config.compression.codec.value,
             level=self.config.compression.level,
+            mac_key=store_cfg.mac_key(),
             ttl=ttl.seconds,
             sliding=ttl.mode.value == "sliding",
             presence_ttl=store_cfg.presence_ttl,
