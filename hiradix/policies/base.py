@@ -28,7 +28,7 @@ from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from hiradix.config import WaitMode
+from hiradix.config_types import WaitMode
 from hiradix.types import Tier
 
 logger = logging.getLogger(__name__)

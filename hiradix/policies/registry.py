@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
-from hiradix.config import PrefetchConfig
+from hiradix.config_types import PrefetchConfig
 from hiradix.policies.base import PrefetchPolicy
 from hiradix.policies.builtin import ArrivalPolicy, HotPolicy, NonePolicy, SessionPolicy
 from hiradix.policies.pattern import PatternPolicy
