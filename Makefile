@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-fast demo bench lint typecheck clean docs
+.PHONY: setup test test-fast demo bench fuzz lint typecheck clean docs
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,10 @@ test-fast: setup
 
 demo: setup
 	$(PY) -m hiradix.integration.cli demo
+
+# differential fuzzer against SGLang's default cache: MINUTES=60 make fuzz (TP=2: FUZZ_ARGS="--tp 2")
+fuzz: setup
+	$(PY) -m hiradix.integration.testbed.fuzz --minutes $(or $(MINUTES),10) --out out/fuzz $(FUZZ_ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_tree.py --trace ../shared/traces/mooncake_synthetic_trace.jsonl --json out/bench_tree.json

@@ -9,6 +9,11 @@ import os
 if os.environ.get("HIRADIX_GPU_TESTS") != "1":
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+# Verify mode (hiradix/verify.py) is on in every test, in-process caches and the servers the
+# tests start alike (they inherit the environment): a page that comes back up a tier with
+# other KV than went down fails the test.
+os.environ.setdefault("HIRADIX_VERIFY", "fatal")
+
 # In-process tests import SGLang modules that import torchvision at module level; on a CPU
 # machine the import-only stand-in serves (never when a real torchvision is installed).
 import importlib.util

@@ -132,6 +132,7 @@ class HiRadixCache(BasePrefixCache):
         self.write_policy = config.write_policy.value
         self.forward_stream = forward_stream
         self.slab: HostSlab | None = None
+        self.load_gate: LayerLoadGate | None = None
         self.engine = TransferEngine()
         if not self.disable and allocator is not None:
             self._init_host_tier(forward_stream)
@@ -914,7 +915,9 @@ class HiRadixCache(BasePrefixCache):
         self.stats.add("policy_events")
         local = found.total_len
         self._new_by_rid[rid] = max(0, len(tokens) - local - l3_tokens)
-        take = 0
+        # without a prefetch policy a request still reads its own L3 hit at admission;
+        # a policy decides what to fetch (and stage) for it
+        take = l3_tokens if self.policy.name == "none" else 0
         for plan in self.policy.on_arrival(event):
             if (
                 isinstance(plan, Stage)

@@ -101,46 +101,50 @@ class Case:
         )
 
 
-def draw_case(seed: int, *, tp: int = 1, dtype: str = "float32", small: bool = False) -> Case:
-    """A random case for ``seed``; ``small`` keeps it short (the test suite's seeds)."""
+def draw_case(seed: int, *, small: bool = False, **force: Any) -> Case:
+    """A random case for ``seed``; ``small`` keeps it short (the test suite's seeds);
+    ``force`` pins fields (``tp=2``, ``store="redis"``...) before sizes are derived."""
     rng = random.Random(seed)
     page_size = rng.choice([1, 1, 16, 64])
-    block = page_size * rng.choice([1, 2, 4]) if page_size > 1 else rng.choice([16, 32, 64])
-    conversations = rng.randint(3, 6) if small else rng.randint(4, 16)
-    turns = rng.randint(2, 4) if small else rng.randint(2, 6)
-    system = rng.choice([0, 64, 128, 256])
-    user = (rng.randint(16, 64), rng.randint(80, 200))
-    new_tokens = rng.choice([8, 16])
-    longest = system + turns * (user[1] + new_tokens) + page_size
-    l1 = max(int(longest * rng.choice([1.3, 2.0, 3.0])), 1024)
-    l1 += -l1 % max(page_size, 64)
-    return Case(
-        seed=seed,
-        page_size=page_size,
-        l1_tokens=l1,
-        host_size=rng.choice([0.5, 1.0, 2.0, 4.0]),
-        store=rng.choice(["none", "nvme", "nvme", "memory", "redis"]),
-        block_tokens=block,
-        policy=rng.choice(["none", "arrival", "session", "hot", "pattern"]),
-        wait=rng.choice(["best_effort", "wait_complete", "timeout"]),
-        write_policy=rng.choice(
+    drawn: dict[str, Any] = {
+        "seed": seed,
+        "page_size": page_size,
+        "block_tokens": page_size * rng.choice([1, 2, 4])
+        if page_size > 1
+        else rng.choice([16, 32, 64]),
+        "host_size": rng.choice([0.5, 1.0, 2.0, 4.0]),
+        "store": rng.choice(["none", "nvme", "nvme", "memory", "redis"]),
+        "policy": rng.choice(["none", "arrival", "session", "hot", "pattern"]),
+        "wait": rng.choice(["best_effort", "wait_complete", "timeout"]),
+        "write_policy": rng.choice(
             ["write_through", "write_through", "write_through_selective", "write_back"]
-        ),  # fmt: skip
-        eviction=rng.choice(["lru", "lfu", "fifo", "priority"]),
-        ttl_device=rng.choice([None, None, None, "2s"]),
-        ttl_host=rng.choice([None, None, "1s", "4s"]),
-        ttl_store=rng.choice(["24h", "24h", "3s"]),
-        conversations=conversations,
-        turns=turns,
-        system_tokens=system,
-        user_tokens=user,
-        branch_prob=rng.choice([0.0, 0.2, 0.5]),
-        concurrency=rng.choice([1, 1, 2, 4, 8]),
-        abort_prob=rng.choice([0.0, 0.0, 0.1]),
-        new_tokens=new_tokens,
-        tp=tp,
-        dtype=dtype,
+        ),
+        "eviction": rng.choice(["lru", "lfu", "fifo", "priority"]),
+        "ttl_device": rng.choice([None, None, None, "2s"]),
+        "ttl_host": rng.choice([None, None, "1s", "4s"]),
+        "ttl_store": rng.choice(["24h", "24h", "3s"]),
+        "conversations": rng.randint(3, 6) if small else rng.randint(4, 16),
+        "turns": rng.randint(2, 4) if small else rng.randint(2, 6),
+        "system_tokens": rng.choice([0, 64, 128, 256]),
+        "user_tokens": (rng.randint(16, 64), rng.randint(80, 200)),
+        "branch_prob": rng.choice([0.0, 0.2, 0.5]),
+        "concurrency": rng.choice([1, 1, 2, 4, 8]),
+        "abort_prob": rng.choice([0.0, 0.0, 0.1]),
+        "new_tokens": rng.choice([8, 16]),
+        "tp": 1,
+        "dtype": "float32",
+    }
+    l1_factor = rng.choice([1.3, 2.0, 3.0])
+    drawn.update(force)
+    page = drawn["page_size"]
+    if drawn["block_tokens"] % page:
+        drawn["block_tokens"] = page * max(1, drawn["block_tokens"] // page)
+    longest = drawn["system_tokens"] + drawn["turns"] * (
+        drawn["user_tokens"][1] + drawn["new_tokens"]
     )
+    l1 = max(int((longest + page) * l1_factor), 1024)
+    drawn["l1_tokens"] = l1 + (-l1 % max(page, 64))
+    return Case(**drawn)
 
 
 @dataclass

@@ -1,0 +1,143 @@
+"""Host-slot lifecycle (issue 12's three defects): a slot is handed back only when nothing
+reads or writes it any more, pins survive splits, and the tree never changes inside a
+lookup or an eviction. Each test failed on the code before the fix."""
+
+from __future__ import annotations
+
+from array import array
+
+import time
+
+import pytest
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams
+from sglang.srt.mem_cache.radix_cache import RadixKey
+from sglang_sim import Scheduler, SimReq, make_pools
+from test_tree import FakeClock, make_tree, seq
+
+from hiradix.config import parse_config
+from hiradix.integration.sglang.cache import HiRadixCache
+from hiradix.kv_copy import LayerEvents
+from hiradix.tree import Ticket, TierTtl, TtlRules
+
+pytestmark = pytest.mark.usefixtures("sglang_context")
+
+
+def make_cache(store: dict, size: int = 256):
+    pools = make_pools(size=size)
+    config = parse_config({"host": {"size": "1MiB"}, "store": store})
+    cache = HiRadixCache(pools.params(1), config, model_id="test-model")
+    return cache, pools, Scheduler(cache, pools)
+
+
+def test_expiry_keeps_host_slots_a_device_to_host_copy_still_writes():
+    """Defect 1: a node's host copy expires while its child's copy is still in flight:
+    the child's slots must not go back to the slab (a later demotion or L3 fetch would be
+    given them while the copy writes into them)."""
+    clock = FakeClock()
+    tree, pool, host = make_tree(ttl=TtlRules(host=TierTtl(1.0, sliding=False)), clock=clock)
+    a = seq(1, 2, 3, 4)
+    parent = tree.insert(None, a, pool.alloc(None, a)).node
+    tree.attach_l2(parent, host.alloc(None, a), None)
+    b = seq(1, 2, 3, 4, 5, 6)
+    child = tree.insert(None, b, pool.alloc(None, b)).node
+    ticket = Ticket()
+    child_slots = host.alloc(None, b[4:])
+    tree.attach_l2(child, child_slots, ticket)  # the copy into these slots is in flight
+    tree.evict_l1(6)  # device copies go; the host copies stay
+    clock.now += 2.0
+    tree.match(None, b)  # lazy expiry on lookup: the parent's host copy is due
+    assert parent.l2 is None
+    assert not set(child_slots) & host.freed, "slots handed back while a copy writes them"
+    tree.finish_ticket(child, ticket, True)
+    assert set(child_slots) <= host.freed or child.l2 is not None
+    tree.check_invariants()
+
+
+def test_pin_of_a_split_node_releases_both_pieces():
+    """Defect 2: a node pinned by a reader (an L3 write, a load) is split by a lookup
+    meanwhile; releasing the pin must release both pieces, or the upper one is never
+    evicted again (and its slots leak)."""
+    tree, pool, host = make_tree()
+    a = seq(1, 2, 3, 4, 5, 6, 7, 8)
+    node = tree.insert(None, a, pool.alloc(None, a)).node
+    tree.attach_l2(node, host.alloc(None, a), None)
+    pin = tree.pin_l2(node)
+    tree.match(None, seq(1, 2, 3, 4, 99))  # splits the pinned node after 4 tokens
+    upper = node.parent
+    assert upper is not None and len(upper) == 4 and len(node) == 4
+    tree.unpin_l2(pin)
+    assert not upper.l2_pins and not node.l2_pins
+    tree.evict_l1(8)
+    assert tree.evict_l2(8) == 8, "a piece of the split node stayed pinned"
+    assert tree.l2_tokens == 0
+    tree.check_invariants()
+
+
+class _Event:
+    """A CUDA event of a copy still reading its source."""
+
+    def __init__(self) -> None:
+        self.finished = False
+
+    def query(self) -> bool:
+        return self.finished
+
+    def synchronize(self) -> None:
+        self.finished = True
+
+
+class _Stream:
+    def wait_event(self, event: _Event) -> None:
+        """The forward stream would wait on the device; the host does not."""
+
+
+def test_load_keeps_its_host_copy_until_the_copy_has_read_it():
+    """Defect 1: a load-back unpinned its host slots as soon as the copy was submitted; on
+    CUDA the copy reads them later, and host eviction could hand them to an L3 fetch."""
+    cache, _, sched = make_cache({"kind": "none"})
+    prompt = list(range(100, 164))
+    sched.run(SimReq("a", prompt))
+    for _ in range(3):
+        cache.step()
+    cache.evict(EvictParams(num_tokens=256))
+    found = cache.tree.match((None, None), array("q", prompt), touch=False)
+    run = []
+    cur = found.host_node
+    while cur is not found.l1_node:
+        run.append(cur)
+        cur = cur.parent
+    run.reverse()
+    assert run, "nothing on host to load"
+    event = _Event()
+    copy = cache.engine.load
+
+    def load(host_idx, device_idx):  # the data moves, but the event says "still reading"
+        copy(host_idx, device_idx).wait()
+        return LayerEvents([event])
+
+    cache.engine.load = load
+    cache.forward_stream = _Stream()  # as on CUDA: the forward waits, the host goes on
+    cache.verifier = None  # verify mode waits for the copy itself
+    assert cache._load_run(run, found.l1_node)
+    assert all(x.l2_pins for x in run), "host copy unpinned while the copy still reads it"
+    event.finished = True
+    cache.step()
+    assert not any(x.l2_pins for x in run)
+
+
+def test_nothing_changes_the_tree_inside_evict_or_match():
+    """Defect 3: completions ran inside ``evict`` and ``match_prefix``; a callback there
+    could stage a path to the device (allocating the slots SGLang had just asked ``evict``
+    to free) or split the nodes a caller was walking. Now they wait for the step."""
+    cache, _, _ = make_cache({"kind": "memory"})
+    ran = []
+    cache.engine.submit_io(lambda: 1, lambda result, error: ran.append(result))
+    deadline = time.monotonic() + 5
+    while not cache.engine.in_flight or cache.engine.ready()[1] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    cache.evict(EvictParams(num_tokens=1))
+    cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", [1, 2, 3]))))
+    assert ran == [], "a completion ran inside evict or match_prefix"
+    cache.step()
+    assert ran == [1]
