@@ -4,18 +4,17 @@ lookup or an eviction. Each test failed on the code before the fix."""
 
 from __future__ import annotations
 
+import time
 from array import array
 
-import time
-
 import pytest
+from hiradix.integration.sglang.cache import HiRadixCache
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang_sim import Scheduler, SimReq, make_pools
 from test_tree import FakeClock, make_tree, seq
 
 from hiradix.config import parse_config
-from hiradix.integration.sglang.cache import HiRadixCache
 from hiradix.kv_copy import LayerEvents
 from hiradix.tree import Ticket, TierTtl, TtlRules
 

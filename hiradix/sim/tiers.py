@@ -140,9 +140,7 @@ class Tiers:
             return 0
         short = tokens - (self.l2_capacity - self.tree.l2_tokens)
         if short > 0:
-            pin = (
-                self.tree.pin_l2(keep) if keep is not None and keep.parent is not None else None
-            )
+            pin = self.tree.pin_l2(keep) if keep is not None and keep.parent is not None else None
             try:
                 self.counters["l2_evicted_tokens"] += self.tree.evict_l2(int(short))
             finally:

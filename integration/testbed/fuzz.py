@@ -250,8 +250,8 @@ def send_wave(server: SGLangServer, batch: Sequence[Request], case: Case, *,
 def _quiet_abort(server: SGLangServer, rid: str) -> None:
     try:
         server.abort(rid)
-    except Exception:  # noqa: BLE001 - the server may be gone; the replay reports that
-        pass
+    except Exception as exc:  # noqa: BLE001 - the server may be gone; the replay reports that
+        logger.debug("abort of %s failed: %r", rid, exc)
 
 
 # ---------------------------------------------------------------------- replay
