@@ -30,6 +30,7 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ def mode_from_env(value: str | None = None) -> str:
     raise ValueError(f"{ENV}={raw!r}: expected one of off, 0, on, 1, log, fatal")
 
 
-def digest(data: bytes | memoryview) -> bytes:
+def digest(data: Any) -> bytes:
+    """16-byte digest of a contiguous buffer (bytes, memoryview, a numpy array)."""
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
