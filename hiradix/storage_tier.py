@@ -347,10 +347,8 @@ class StorageTier:
             elif result.seconds:
                 self.cost.observe_fetch(0, result.seconds)
             run = result.count
-            if not run:
-                self._finish(request_id, state)
-                return
-            present_tokens = run * self.block - (local_len - start * self.block)
+            present_tokens = max(0, run * self.block - (local_len - start * self.block))
+            # the policy hears every arrival, L3 hit or not
             take = (
                 present_tokens
                 if decide is None

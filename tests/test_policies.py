@@ -297,6 +297,25 @@ def test_validate_plans_rejects_non_sequences() -> None:
     assert validate_plans([Cold("ns", array("q", [1]))])
 
 
+def test_plan_tokens_outside_int64_are_refused_by_the_guard() -> None:
+    """Issue 16 item 10: ``Stage(ns, (2**70,))`` passed validation and then overflowed
+    ``array('q')`` outside the guard, killing every scheduler."""
+    for bad in ((2**70,), (-(2**63) - 1,), memoryview(array("Q", [1]))):
+        with pytest.raises(TypeError):
+            validate_plans([Stage("ns", bad)])
+
+    class Huge(PrefetchPolicy):
+        name = "huge"
+
+        def on_arrival(self, event):
+            return [Stage(event.namespace, (2**70,))]
+
+    guarded = GuardedPolicy(Huge())
+    event = ArrivalEvent(0.0, "r", None, PathView(array("q", [1, 2]), None), TierRun(0, 0, 0))
+    assert guarded.on_arrival(event) == ()  # refused and the policy disabled, no exception
+    assert guarded.on_arrival(event) == ()
+
+
 # --------------------------------------------------------------------------- registry
 
 

@@ -140,3 +140,22 @@ def test_nothing_changes_the_tree_inside_evict_or_match():
     assert ran == [], "a completion ran inside evict or match_prefix"
     cache.step()
     assert ran == [1]
+
+
+def test_policy_hears_an_arrival_that_misses_l3():
+    """Issue 16 item 5: with a store configured the policy heard an arrival only when the
+    store held some of the prompt."""
+    cache, _, _ = make_cache({"kind": "memory"})
+    heard = []
+    cache._on_arrival = lambda rid, ns, tokens, l3: heard.append((rid, l3)) or 0  # type: ignore[method-assign]
+    from types import SimpleNamespace
+
+    prompt = list(range(500, 564))
+    handle = SimpleNamespace(rid="miss", attempt_id=0)
+    assert cache.prefetch_from_storage(handle, None, prompt, matched_prefix_tokens=[])
+    deadline = time.monotonic() + 5
+    while not heard:
+        assert time.monotonic() < deadline, "the policy never heard the arrival"
+        cache.step()
+        time.sleep(0.001)
+    assert heard == [("miss", 0)]

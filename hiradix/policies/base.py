@@ -294,6 +294,9 @@ _PLAN_TYPES = (Stage, Cold)
 _TOKEN_TYPES = (tuple, list, array, memoryview, range)
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _check_tokens(plan: Plan) -> str | None:
     tokens = plan.tokens
     if not isinstance(tokens, _TOKEN_TYPES):
@@ -302,7 +305,9 @@ def _check_tokens(plan: Plan) -> str | None:
         isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in tokens
     ):
         return f"{type(plan).__name__}.tokens holds a non-integer"
-    if isinstance(tokens, memoryview) and tokens.format not in ("q", "l", "i", "Q", "L", "I"):
+    if isinstance(tokens, (tuple, list)) and not all(_INT64_MIN <= t <= _INT64_MAX for t in tokens):
+        return f"{type(plan).__name__}.tokens holds a value outside int64"
+    if isinstance(tokens, memoryview) and tokens.format not in ("q", "l", "i"):
         return f"{type(plan).__name__}.tokens memoryview has format {tokens.format!r}"
     try:
         hash(plan.namespace)
