@@ -893,6 +893,34 @@ class RadixTree:
         assert protected == self.protected_tokens, (protected, self.protected_tokens)
         assert host == self.l2_tokens, (host, self.l2_tokens)
 
+    def state_digest(self) -> list[tuple[str, int]]:
+        """Named integers that equal trees share (the TP consensus checker compares them
+        across ranks): counts per tier, locks, and a hash of every node's shape and
+        residency. O(nodes): for checking, not for every step of production."""
+        shape = hashlib.blake2b(digest_size=8)
+        nodes = 0
+        for node in sorted(self.iter_nodes(), key=lambda n: n.id):
+            nodes += 1
+            shape.update(
+                b"%d,%d,%d,%d,%d,%d,%d;"
+                % (
+                    node.id,
+                    node.parent.id if node.parent is not None else -1,
+                    len(node),
+                    node.l1 is not None,
+                    2 if node.l2_ready else node.l2 is not None,
+                    node.lock_ref,
+                    len(node.l2_pins),
+                )
+            )
+        return [
+            ("nodes", nodes),
+            ("evictable_tokens", self.evictable_tokens),
+            ("protected_tokens", self.protected_tokens),
+            ("l2_tokens", self.l2_tokens),
+            ("tree_shape_hash", int.from_bytes(shape.digest(), "little") >> 2),
+        ]
+
     def dump(self, limit: int = 200) -> str:
         lines: list[str] = []
 

@@ -13,6 +13,8 @@ if os.environ.get("HIRADIX_GPU_TESTS") != "1":
 # tests start alike (they inherit the environment): a page that comes back up a tier with
 # other KV than went down fails the test.
 os.environ.setdefault("HIRADIX_VERIFY", "fatal")
+# The TP consensus checker (integration/sglang/agreed_step.py) likewise, wherever TP > 1.
+os.environ.setdefault("HIRADIX_CONSENSUS_CHECK", "1")
 
 # In-process tests import SGLang modules that import torchvision at module level; on a CPU
 # machine the import-only stand-in serves (never when a real torchvision is installed).

@@ -131,3 +131,35 @@ def test_two_ranks_with_different_stores_keep_identical_trees():
     )
     for cache, _ in ranks:
         cache.tree.check_invariants()
+
+
+def test_consensus_checker_names_the_first_disagreement():
+    """A decision taken on one rank only (here: an eviction outside the agreed step) is
+    caught at the next step, on both ranks, naming what differs."""
+    from hiradix.integration.sglang.agreed_step import ConsensusError
+
+    collective = Collective(2)
+    ranks = [make_rank(r, collective) for r in range(2)]
+    prompt = list(range(3000, 3100))
+    errors: dict[int, BaseException] = {}
+
+    def run(rank: int) -> None:
+        cache, sched = ranks[rank]
+        try:
+            sched.run(SimReq("a", prompt))
+            cache.step()
+            if rank == 1:
+                cache.evict(EvictParams(num_tokens=10_000))  # this rank only
+            cache.step()
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            errors[rank] = exc
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert set(errors) == {0, 1}, errors
+    for exc in errors.values():
+        assert isinstance(exc, ConsensusError), exc
+        assert "TP ranks disagree" in str(exc) and "on " in str(exc)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from hiradix.backends.host_slab import HostSlab
+from hiradix.integration.sglang.agreed_step import AgreedStep, check_enabled
 from sglang.srt.mem_cache.base_prefix_cache import (
     BasePrefixCache,
     DecLockRefParams,
@@ -51,7 +52,7 @@ from hiradix.policies.base import (
 from hiradix.policies.registry import create_policy
 from hiradix.policies.views import RadixTreeView
 from hiradix.storage_tier import StorageTier, wait_ready
-from hiradix.transfer import LANES, IoResult, TransferEngine
+from hiradix.transfer import TransferEngine
 from hiradix.tree import Node, RadixTree, Ticket, TierTtl, TtlRules
 from hiradix.types import Tier
 from hiradix.verify import PageVerifier, digest, mode_from_env
@@ -79,8 +80,6 @@ def ttl_rules(config: HiradixConfig) -> TtlRules:
 RETRY_LIMIT = 256  # paths waiting for host memory to drain to L3
 MAX_BACKGROUND_PREFETCH = 64  # L3 lookups in flight for policy plans and requests
 TICK_SECONDS = 1.0  # how often the prefetch policy's on_tick runs (agreed clock)
-AGREED_IO = 16  # store completions per IO lane agreed per step (the rest wait a step)
-_NEUTRAL = 2**62  # a value that never lowers a MIN
 
 
 class HiRadixCache(BasePrefixCache):
@@ -158,6 +157,7 @@ class HiRadixCache(BasePrefixCache):
         self._last_flush = self.now
         self._plan_seq = 0
         self._announced: set[str] = set()
+        self._step: AgreedStep | None = None
         self.reset()
 
     # SGLang reads these on the storage-prefetch path (SGLANG-0.5.23.md section 2)
@@ -229,53 +229,35 @@ class HiRadixCache(BasePrefixCache):
 
     # ------------------------------------------------------------------ the agreed step
     def step(self) -> None:
-        """The one place where finished IO changes the tree, once per scheduler iteration
-        (SGLang's ``_process_hicache_events``, which every TP rank reaches in the same
-        order) and after each batch result (``flush_pending_backups``). IO threads and
-        copy events only *report* that they finished; here every rank takes the MIN over
-        ranks of how many orders have finished at the head of each queue, of their
-        results and of the clocks, in one collective of fixed shape, applies exactly that
-        many completions in submission order, then does the housekeeping that changes
+        """The one place where finished IO changes the tree (``agreed_step.py``): once per
+        scheduler iteration (SGLang's ``_process_hicache_events``, which every TP rank
+        reaches in the same order) and after each batch result (``flush_pending_backups``).
+        Completions are applied as the ranks agreed, then the housekeeping that changes
         what ``match_prefix`` returns or ``evict`` picks (demotions, L3 writes, policy
-        ticks, TTL expiry) on the agreed clock. Nothing else polls: a lookup or an
+        ticks, TTL expiry) runs on the agreed clock. Nothing else polls: a lookup or an
         eviction never sees the tree change under it."""
         if self.disable:
             return
-        counts = self.engine.ready()
-        local_now = self.clock()
-        if self._tp_size() > 1:
-            counts, local_now = self._agree(counts, local_now)
-        self.now = max(self.now, local_now)
-        self.engine.apply(counts)
+        if self._step is None:
+            multi = self._tp_size() > 1
+            self._step = AgreedStep(
+                self.engine,
+                self.clock,
+                self._reduce_min if multi else None,
+                digest=self._digest if multi and check_enabled() else None,
+            )
+        self.now = max(self.now, self._step.run())
         self._service()
 
-    def _agree(self, counts: list[int], now: float) -> tuple[list[int], float]:
-        """One MIN all-reduce of ``[copies, reads, writes, clock_us]`` plus, for the first
-        ``AGREED_IO`` finished orders of each IO lane, ``(count, nbytes, -microseconds)``
-        (neutral values past a rank's own finished orders)."""
-        counts = [counts[0], *(min(c, AGREED_IO) for c in counts[1:])]
-        vector = [*counts, int(now * 1e6)]
-        for lane, count in zip(LANES, counts[1:], strict=True):
-            results = self.engine.peek_results(lane, count)
-            for i in range(AGREED_IO):
-                if i < len(results):
-                    res = results[i][0] or IoResult()
-                    vector += [res.count, res.nbytes, -int(res.seconds * 1e6)]
-                else:
-                    vector += [_NEUTRAL, _NEUTRAL, _NEUTRAL]
-        agreed = self._reduce_min(vector)
-        counts = agreed[:3]
-        offset = 4
-        for lane, count in zip(LANES, counts[1:], strict=True):
-            mine = self.engine.peek_results(lane, count)
-            values = []
-            for i in range(count):
-                n, nbytes, neg_us = agreed[offset + 3 * i : offset + 3 * i + 3]
-                own = mine[i][0] or IoResult()
-                values.append(IoResult(n, nbytes, -neg_us / 1e6, own.bad))
-            self.engine.agree(lane, values)
-            offset += 3 * AGREED_IO
-        return counts, agreed[3] / 1e6
+    def _digest(self) -> list[tuple[str, int]]:
+        """The consensus checker's view of this rank: tree shape and residency, host slab,
+        queued work."""
+        fields = self.tree.state_digest()
+        fields.append(("l2_used_slots", self.slab.used_slots if self.slab is not None else 0))
+        fields.append(("pending_demotions", len(self._pending_demote)))
+        if self.storage is not None:
+            fields.append(("l3_lookups", len(self.storage.prefetches)))
+        return fields
 
     def _init_host_tier(self, forward_stream: Any) -> None:
         """Size and allocate the host slab from the config and the device pool's shape."""
