@@ -7,7 +7,8 @@ from another conversation's earlier turn, prompts sent in waves at some concurre
 of them aborted). The workload is first run on a server with SGLang's default cache: its
 greedy answers become the histories' assistant turns and the expected outputs. The same
 prompts are then replayed, wave by wave, on a hiradix server with verify mode on
-(``HIRADIX_VERIFY=fatal``), and every answer that was not aborted must be identical.
+(``HIRADIX_VERIFY=fatal``) and, at TP > 1, the consensus checker
+(``HIRADIX_CONSENSUS_CHECK=1``), and every answer that was not aborted must be identical.
 
 Why this oracle is exact: the tiny test model is float32, where greedy outputs do not
 depend on how much of a prompt came from cache (checked: SGLang's own cache with a small
@@ -50,7 +51,13 @@ logger = logging.getLogger(__name__)
 VOCAB = (4, 1000)  # token ids drawn from here (the tiny model's vocab is 1024)
 REQUEST_TIMEOUT = 180.0  # a request slower than this counts as a hang
 STRICT = {"SGLANG_CHECK_KV_PAGE_INVARIANTS": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"}
-BAD_LOG_LINES = ("Traceback", "hiradix verify", "memory leak detected", "double free")
+BAD_LOG_LINES = (
+    "Traceback",
+    "hiradix verify",
+    "TP ranks disagree",
+    "memory leak detected",
+    "double free",
+)
 
 
 @dataclass(frozen=True)
@@ -188,6 +195,7 @@ def start_server(model: Path, case: Case, log: Path, *, hiradix_config: str | No
     if hiradix_config is not None:
         args += ["--enable-hiradix", "--hiradix-config", hiradix_config]
         env["HIRADIX_VERIFY"] = "fatal"
+        env["HIRADIX_CONSENSUS_CHECK"] = "1"
     server = SGLangServer(
         model, extra_args=args, env=env, log_path=log, max_total_tokens=case.l1_tokens,
         page_size=case.page_size, dtype=case.dtype, name=name,
