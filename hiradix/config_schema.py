@@ -250,10 +250,12 @@ FIELDS: tuple[Field, ...] = (
        lambda c: c.store.mac_key_env),
     _F("store.nvme.path", "./.hiradix/pages", _P_PATH,
        "Directory of the NVMe page files. Relative to the config file's directory, except "
-       "for the embedded default, which uses the working directory.",
+       "for the embedded default, which uses the working directory. With TP/PP > 1 each "
+       "rank keeps its own subdirectory rank<i>of<n>, so ranks never evict each other's pages.",
        lambda c: c.store.nvme.path),
     _F("store.nvme.size", "16GiB", bytes_parser(positive=True),
-       "Capacity; the oldest pages are evicted beyond it.",
+       "Capacity; the oldest pages are evicted beyond it. With TP/PP > 1 each rank gets an "
+       "equal share.",
        lambda c: format_bytes(c.store.nvme.size_bytes)),
     _F("store.nvme.fsync", False, BOOL_PARSER,
        "fsync each page before renaming it into place.", lambda c: c.store.nvme.fsync),

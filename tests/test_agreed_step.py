@@ -163,3 +163,30 @@ def test_consensus_checker_names_the_first_disagreement():
     for exc in errors.values():
         assert isinstance(exc, ConsensusError), exc
         assert "TP ranks disagree" in str(exc) and "on " in str(exc)
+
+
+def test_ranks_sharing_an_nvme_directory_keep_apart(tmp_path):
+    """Issue 14 item 4: TP ranks configured with one NVMe directory each write their own
+    subdirectory with an equal share of the capacity, so none evicts another's pages."""
+    caches = []
+    for rank in range(2):
+        pools = make_pools(size=384)
+        config = parse_config(
+            {
+                "host": {"size": "96KiB"},
+                "store": {"kind": "nvme", "block_tokens": 16,
+                          "nvme": {"path": str(tmp_path), "size": "64MiB"}},
+            }
+        )  # fmt: skip
+        cache = HiRadixCache(pools.params(1), config, model_id=f"m/tp{rank}of2", shard=(rank, 2))
+        sched = Scheduler(cache, pools)
+        sched.run(SimReq("a", list(range(4000, 4064))))
+        for _ in range(20):
+            cache.flush_pending_backups()
+            cache.engine.drain()
+        caches.append(cache)
+    for rank in range(2):
+        files = [p for p in (tmp_path / f"rank{rank}of2").rglob("*") if p.is_file()]
+        assert files, f"rank {rank} wrote nothing in its own directory"
+        assert caches[rank].storage.store.capacity_bytes == 32 * 2**20
+    assert not [p for p in tmp_path.iterdir() if p.is_file()]

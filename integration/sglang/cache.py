@@ -10,6 +10,7 @@ Contract references are to SGLANG-0.5.23.md.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -97,6 +98,7 @@ class HiRadixCache(BasePrefixCache):
         metric_labels: dict[str, str] | None = None,
         model_id: str = "model",
         tp_group: Any = None,
+        shard: tuple[int, int] = (0, 1),
     ):
         self.disable = params.disable
         self.req_to_token_pool = params.req_to_token_pool
@@ -148,6 +150,7 @@ class HiRadixCache(BasePrefixCache):
         self._l3_by_rid: dict[str, int] = {}
         self._l3_to_report: dict[str, int] = {}
         self.tp_group = tp_group
+        self.shard = shard  # (this rank among all TP x PP ranks, how many)
         self.storage: StorageTier | None = None
         if self.slab is not None and config.store.kind.value != "none":
             self._init_store(model_id)
@@ -181,6 +184,17 @@ class HiRadixCache(BasePrefixCache):
 
         store_cfg = self.config.store
         kind = store_cfg.kind.value
+        rank, ranks = self.shard
+        if kind == "nvme" and ranks > 1:  # a directory and a capacity share per rank
+            nvme = store_cfg.nvme
+            store_cfg = dataclasses.replace(
+                store_cfg,
+                nvme=dataclasses.replace(
+                    nvme,
+                    path=os.path.join(nvme.path, f"rank{rank}of{ranks}"),
+                    size_bytes=max(1, nvme.size_bytes // ranks),
+                ),
+            )
         prefix = store_cfg.redis.key_prefix if kind == "redis" else "hiradix:"
         store = LazyStore(lambda: create_store(store_cfg), f"{kind} store")
         ttl = self.config.ttl.store
