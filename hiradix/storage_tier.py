@@ -343,8 +343,8 @@ class StorageTier:
         def exists_done(result: IoResult | None, error: BaseException | None) -> None:
             result = result or IoResult()
             if error is not None:
-                self._failed(error)
-            elif result.seconds:
+                self._failed(error)  # this rank's stats and log only
+            if result.seconds:  # agreed values only: the cost model is the same on every rank
                 self.cost.observe_fetch(0, result.seconds)
             run = result.count
             present_tokens = max(0, run * self.block - (local_len - start * self.block))
@@ -430,8 +430,8 @@ class StorageTier:
         def done(result: IoResult | None, error: BaseException | None) -> None:
             result = result or IoResult()
             if error is not None:
-                self._failed(error)
-            elif result.count:
+                self._failed(error)  # this rank's stats and log only
+            if result.count:  # agreed values only (see exists_done)
                 self.cost.observe_fetch(result.nbytes, result.seconds)
             self.stats.add("l3_corrupt_pages", len(result.bad))
             self.stats.add("l3_get_bytes", result.nbytes)

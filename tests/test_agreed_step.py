@@ -69,6 +69,7 @@ def make_rank(rank: int, collective: Collective) -> tuple[HiRadixCache, Schedule
     )
     cache = HiRadixCache(pools.params(1), config, model_id=f"test-model/tp{rank}of2")
     cache._tp_size = lambda: 2  # type: ignore[method-assign]
+    cache.now = 0.0  # as a cache built with a TP group of 2 starts (no agreed clock yet)
     cache._reduce_min = lambda vector: collective.reduce_min(rank, vector)  # type: ignore[method-assign]
     return cache, Scheduler(cache, pools)
 

@@ -10,9 +10,7 @@ Contract references are to SGLANG-0.5.23.md.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import sys
 import time
 from array import array
@@ -22,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from hiradix.backends.host_slab import HostSlab
 from hiradix.integration.sglang.agreed_step import AgreedStep, check_enabled
+from hiradix.integration.sglang.host_tier import HostTier
+from hiradix.integration.sglang.prefetch import StoragePrefetch
 from sglang.srt.mem_cache.base_prefix_cache import (
     BasePrefixCache,
     DecLockRefParams,
@@ -37,26 +37,17 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
-from hiradix.kv_copy import LayerEvents, LayerLoadGate, make_copier
+from hiradix.kv_copy import LayerLoadGate
 from hiradix.metrics import PrometheusExporter, Stats, StatsSnapshot
 from hiradix.policies.base import (
-    ArrivalEvent,
-    Cold,
-    FinishEvent,
     GuardedPolicy,
-    PathView,
-    Stage,
     StagedForRequests,
-    TickEvent,
-    TierRun,
 )
 from hiradix.policies.registry import create_policy
-from hiradix.policies.views import RadixTreeView
-from hiradix.storage_tier import StorageTier, wait_ready
+from hiradix.storage_tier import StorageTier
 from hiradix.transfer import TransferEngine
-from hiradix.tree import Node, RadixTree, Ticket, TierTtl, TtlRules
-from hiradix.types import Tier
-from hiradix.verify import PageVerifier, digest, mode_from_env
+from hiradix.tree import Node, RadixTree, TierTtl, TtlRules
+from hiradix.verify import PageVerifier, mode_from_env
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -78,12 +69,7 @@ def ttl_rules(config: HiradixConfig) -> TtlRules:
     )
 
 
-RETRY_LIMIT = 256  # paths waiting for host memory to drain to L3
-MAX_BACKGROUND_PREFETCH = 64  # L3 lookups in flight for policy plans and requests
-TICK_SECONDS = 1.0  # how often the prefetch policy's on_tick runs (agreed clock)
-
-
-class HiRadixCache(BasePrefixCache):
+class HiRadixCache(HostTier, StoragePrefetch, BasePrefixCache):
     """Prefix cache for SGLang whose tree spans device, host and store tiers."""
 
     sliding_window_size = None
@@ -161,73 +147,14 @@ class HiRadixCache(BasePrefixCache):
         self._plan_seq = 0
         self._announced: set[str] = set()
         self._step: AgreedStep | None = None
+        if self._tp_size() > 1:
+            # ranks were built at different moments: until the first step agrees on a
+            # clock, every rank reads the same constant
+            self.now = 0.0
+            self._last_flush = self.now
         self.reset()
 
     # SGLang reads these on the storage-prefetch path (SGLANG-0.5.23.md section 2)
-    hicache_storage_pass_prefix_keys = False
-
-    @property
-    def wants_storage_prefetch(self) -> bool:
-        """Whether the scheduler should call the storage-prefetch hooks on arrival: with an
-        L3 store, and with a host tier whose prefetch policy wants arrival events (they
-        ride on the same calls; without a store nothing is looked up)."""
-        if self.storage is not None:
-            return True
-        return self.slab is not None and self.policy.name != "none"
-
-    def _init_store(self, model_id: str) -> None:
-        from hiradix.backends.base import make_key
-        from hiradix.backends.lazy import LazyStore
-        from hiradix.backends.registry import create_store
-
-        from hiradix.breaker import CircuitBreaker
-
-        store_cfg = self.config.store
-        kind = store_cfg.kind.value
-        rank, ranks = self.shard
-        if kind == "nvme" and ranks > 1:  # a directory and a capacity share per rank
-            nvme = store_cfg.nvme
-            store_cfg = dataclasses.replace(
-                store_cfg,
-                nvme=dataclasses.replace(
-                    nvme,
-                    path=os.path.join(nvme.path, f"rank{rank}of{ranks}"),
-                    size_bytes=max(1, nvme.size_bytes // ranks),
-                ),
-            )
-        prefix = store_cfg.redis.key_prefix if kind == "redis" else "hiradix:"
-        store = LazyStore(lambda: create_store(store_cfg), f"{kind} store")
-        ttl = self.config.ttl.store
-        assert self.slab is not None
-        self.storage = StorageTier(
-            store,
-            self.engine,
-            self.slab,
-            self.tree,
-            stats=self.stats,
-            model_id=model_id,
-            tenant=self.config.namespace,
-            make_key=lambda ns_hex, key_hex: make_key(prefix, ns_hex, key_hex),
-            block_tokens=store_cfg.block_tokens,
-            codec=self.config.compression.codec.value,
-            level=self.config.compression.level,
-            mac_key=store_cfg.mac_key(),
-            ttl=ttl.seconds,
-            sliding=ttl.mode.value == "sliding",
-            presence_ttl=store_cfg.presence_ttl,
-            write_queue_pages=store_cfg.write_queue_pages,
-            breaker=CircuitBreaker(),
-            clock=self._agreed_now,
-        )
-        self.storage.verifier = self.verifier
-        self.storage.queued = lambda: len(self.waiting())
-        logger.info(
-            "hiradix: L3 %s store, %d-token pages, model id %s",
-            kind,
-            store_cfg.block_tokens,
-            model_id,
-        )
-
     def _tp_size(self) -> int:
         if self.tp_group is None:
             return 1
@@ -272,63 +199,6 @@ class HiRadixCache(BasePrefixCache):
         if self.storage is not None:
             fields.append(("l3_lookups", len(self.storage.prefetches)))
         return fields
-
-    def _init_host_tier(self, forward_stream: Any) -> None:
-        """Size and allocate the host slab from the config and the device pool's shape."""
-        kv = self.token_to_kv_pool_allocator.get_kvcache()
-        device_k = getattr(kv, "k_buffer", None)
-        device_v = getattr(kv, "v_buffer", None)
-        if not device_k or not device_v:
-            logger.warning(
-                "hiradix: host tier disabled: KV pool %s has no per-layer K/V buffers",
-                type(kv).__name__,
-            )
-            return
-        l1_bytes = sum(t.numel() * t.element_size() for t in (*device_k, *device_v))
-        host_bytes = self.config.host.resolve_bytes(l1_bytes)
-        if host_bytes <= 0:
-            return
-        per_token = l1_bytes // device_k[0].shape[0]
-        slots = HostSlab.slots_for_bytes(host_bytes, per_token)
-        if slots < self.page_size:
-            logger.warning("hiradix: host tier of %d bytes holds no page; disabled", host_bytes)
-            return
-        k0, v0 = device_k[0], device_v[0]
-        self.slab = HostSlab(
-            slots,
-            layers=len(device_k),
-            heads=k0.shape[1],
-            head_dim=k0.shape[2],
-            v_head_dim=v0.shape[2],
-            dtype=k0.dtype,
-            page_size=self.page_size,
-            pin_memory=k0.is_cuda,
-        )
-        self.tree.free_l2 = self.slab.free
-        self._device_kv = [*device_k, *device_v]
-        if k0.is_cuda and getattr(kv, "layer_transfer_counter", None) is None:
-            self.load_gate = LayerLoadGate()
-            kv.register_layer_transfer_counter(self.load_gate)
-        self.engine = TransferEngine(
-            make_copier(
-                device_k,
-                device_v,
-                self.slab,
-                **(
-                    {"forward_stream": forward_stream}
-                    if k0.is_cuda and forward_stream is not None
-                    else {}
-                ),
-            )
-        )
-        self.stats.gauges["l2_total_slots"] = self.slab.num_slots
-        logger.info(
-            "hiradix: host tier %d slots (%.1f MiB, %d B/token, %s memory)",
-            slots,
-            slots * per_token / 2**20,
-            per_token,
-            "pinned" if k0.is_cuda else "plain",
-        )
 
     # ------------------------------------------------------------------ helpers
     def _free_device(self, values: torch.Tensor) -> None:
@@ -478,157 +348,6 @@ class HiRadixCache(BasePrefixCache):
         if self.slab is not None and self.write_policy != "write_back":
             self._pending_demote.append(node)
 
-    # ------------------------------------------------------------------ verify mode
-    def _device_digests(self, device_idx: torch.Tensor) -> list[bytes]:
-        """Digest of each page's KV (every layer, K and V) at ``device_idx``."""
-        n = len(device_idx)
-        if n == 0 or not self._device_kv:
-            return []
-        idx = device_idx.to(self._device_kv[0].device)
-        rows = [t.index_select(0, idx).reshape(n, -1).view(torch.uint8) for t in self._device_kv]
-        pages = torch.cat(rows, dim=1).reshape(n // self.page_size, -1).cpu().numpy()
-        return [digest(row.tobytes()) for row in pages]
-
-    def _verify_load(self, run: list[Node], device_idx: torch.Tensor, handle: Any) -> bool:
-        """Verify mode: whether the pages loaded into ``device_idx`` are the KV written down
-        for ``run``. On a mismatch the device slots are freed and the run's host copies
-        dropped, so the request recomputes instead of reading wrong KV."""
-        assert self.verifier is not None
-        handle.wait()
-        keys = [key for x in run for key in self.tree.page_keys(x)]
-        if not self.verifier.check(keys, self._device_digests(device_idx), "load-back to L1"):
-            return True
-        self._free_device(device_idx)
-        return False
-
-    def _verify_record(self, node: Node) -> None:
-        """Verify mode: remember the digests of ``node``'s device pages as they go down."""
-        if self.verifier is not None and node.l1 is not None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)  # the forward that wrote them is done
-            self.verifier.record(self.tree.page_keys(node), self._device_digests(node.l1))
-
-    # ------------------------------------------------------------------ host tier
-    def _qualifies(self, node: Node) -> bool:
-        if self.write_policy == "write_through_selective":
-            return node.hits >= self.config.write_through_hits
-        return self.write_policy == "write_through"
-
-    def _host_slots(self, node: Node) -> torch.Tensor | None:
-        """Host slots for ``node``, evicting unpinned host leaves (never its parent)."""
-        assert self.slab is not None
-        need = len(node)
-        slots = self.slab.alloc(need)
-        if slots is None:
-            parent = node.parent
-            assert parent is not None
-            # a parent known only on host must keep that copy (the path would break)
-            keep = parent.l1 is None and parent.l2 is not None
-            pin = self.tree.pin_l2(parent) if keep else None
-            try:
-                freed = self.tree.evict_l2(need - self.slab.free_slots)
-                self.stats.add("l2_evicted_tokens", freed)
-            finally:
-                if pin is not None:
-                    self.tree.unpin_l2(pin)
-            slots = self.slab.alloc(need)
-        if slots is None:
-            self.stats.add("l2_full_skips")
-        return slots
-
-    def _demote_path(self, last: Node) -> bool:
-        """Write the path down to ``last`` through to host memory, top-down; long nodes go
-        in pieces of at most a quarter of the slab, so that no node is too big to demote.
-        Returns False when host memory is full of pages still in flight (retry later: they
-        drain to L3 and become evictable)."""
-        assert self.slab is not None
-        chunk = max(self.page_size, min(self.slab.num_slots // 4, 4096))
-        if self.storage is not None and chunk >= self.storage.block:
-            chunk -= chunk % self.storage.block  # pieces never split an L3 page
-        for whole in self.tree.path(last):
-            if whole.l2 is not None:
-                continue
-            if whole.l1 is None or not self._qualifies(whole):
-                return True
-            for node in self.tree.split_long(whole, chunk):
-                if node.l2 is not None:
-                    continue
-                if not self.tree.host_parent_ok(node):
-                    return True
-                slots = self._host_slots(node)
-                if slots is None:
-                    return False
-                ticket = Ticket()
-                self.tree.attach_l2(node, slots, ticket)
-                self.tree.lock(node)  # device slots stay put while the copy reads them
-                self.engine.demote(
-                    node.l1, slots, lambda ok, n=node, t=ticket: self._demoted(n, t, ok)
-                )
-                self._verify_record(node)
-        return True
-
-    def _demoted(self, node: Node, ticket: Ticket, ok: bool) -> None:
-        size = len(node)
-        self.tree.unlock(node)
-        self.tree.finish_ticket(node, ticket, ok)
-        if ok:
-            self.stats.add("l1_to_l2_tokens", size)
-            self.stats.add("d2h_bytes", size * self.slab.bytes_per_token if self.slab else 0)
-            if self.storage is not None:
-                self._pending_save.append(node)
-        else:
-            self.stats.add("copy_failures")
-
-    def _write_back(self, node: Node) -> bool:
-        """Write-back policy: give an L1 victim a host copy right before it is dropped."""
-        if self.slab is None:
-            return False
-        slots = self._host_slots(node)
-        if slots is None:
-            return False
-        assert self.engine.copier is not None
-        self.engine.copier.device_to_host(node.l1, slots).wait()
-        self._verify_record(node)
-        self.tree.attach_l2(node, slots, None)
-        if self.storage is not None:
-            self._pending_save.append(node)
-        self.stats.add("l1_to_l2_tokens", len(node))
-        self.stats.add("d2h_bytes", len(node) * self.slab.bytes_per_token)
-        return True
-
-    def _service(self) -> None:
-        """The agreed step's housekeeping: queued demotions, L3 writes, TTL, gauges."""
-        if self._pending_demote:
-            pending, self._pending_demote = self._pending_demote, []
-            retry = []
-            for node in pending:
-                if node.parent is not None and node.l1 is not None and not self._demote_path(node):
-                    retry.append(node)
-            self._pending_demote = retry[:RETRY_LIMIT] + self._pending_demote
-        if self._pending_save:
-            pending_save, self._pending_save = self._pending_save, []
-            assert self.storage is not None
-            for node in _deepest(pending_save):
-                if node.parent is not None and node.l2_ready:
-                    self.storage.save_path(node)
-        self._tick()
-        before = dict(self.tree.expired_tokens)
-        self.tree.sweep()
-        self.stats.add("l1_expired_tokens", self.tree.expired_tokens["l1"] - before["l1"])
-        self.stats.add("l2_expired_tokens", self.tree.expired_tokens["l2"] - before["l2"])
-        gauges = self.stats.gauges
-        gauges["l1_tokens"] = self.tree.l1_total()
-        gauges["l1_protected_tokens"] = self.tree.protected_tokens
-        gauges["l2_used_slots"] = self.slab.used_slots if self.slab is not None else 0
-        gauges["l2_tokens"] = self.tree.l2_tokens
-        gauges["in_flight"] = self.engine.in_flight
-        if self.verifier is not None:
-            self.stats.counters["verify_checked_pages"] = self.verifier.checked
-            self.stats.counters["verify_unchecked_pages"] = self.verifier.unchecked
-            self.stats.counters["verify_mismatches"] = self.verifier.mismatches
-        if self.exporter is not None:
-            self.exporter.export(self.stats)
-
     def flush_pending_backups(self) -> None:
         if self.disable:
             return
@@ -727,103 +446,6 @@ class HiRadixCache(BasePrefixCache):
             self._loaded_by_rid[rid] = self._loaded_by_rid.get(rid, 0) + total
         return total, node
 
-    def _load_run(self, run: list[Node], anchor: Node) -> bool:
-        """Copy the host-ready ``run`` (a chain hanging below the device-resident
-        ``anchor``) to new device slots and attach them. Later forwards see the KV: on CUDA
-        they wait for the copy (per layer through the load gate, else one event); on CPU
-        the copy is done on return. The host copies stay pinned until the copy has read
-        them. ``False`` when the device slots cannot be had (or, in verify mode, when what
-        landed is not what went down: the host copies are then dropped)."""
-        total = sum(len(x) for x in run)
-        pins = [self.tree.pin_l2(x) for x in run]
-        handle: Any = None
-        rejected = False
-        try:
-            allocator = self.token_to_kv_pool_allocator
-            if allocator.available_size() < total:
-                self.tree.lock(anchor)
-                try:
-                    self.evict(EvictParams(num_tokens=total - allocator.available_size()))
-                finally:
-                    self.tree.unlock(anchor)
-            device_idx = allocator.alloc(total)
-            if device_idx is None:
-                return False
-            host_idx = torch.cat([x.l2 for x in run]) if len(run) > 1 else run[0].l2
-            handle = self.engine.load(host_idx, device_idx)
-            if isinstance(handle, LayerEvents) and self.load_gate is not None:
-                self.load_gate.add(handle)  # attention on layer i waits for layer i only
-            elif isinstance(handle, LayerEvents) and self.forward_stream is not None:
-                self.forward_stream.wait_event(handle.events[-1])
-            else:
-                handle.wait()
-            if self.verifier is not None and not self._verify_load(run, device_idx, handle):
-                rejected = True
-                return False
-            offset = 0
-            for x in run:
-                self.tree.attach_l1(x, device_idx[offset : offset + len(x)])
-                offset += len(x)
-        finally:
-            if handle is not None and not handle.done():
-                self.engine.track(handle, lambda ok: self._unpin(pins))
-            else:
-                self._unpin(pins)
-            if rejected:
-                for x in run:
-                    if x.parent is not None and x.l2 is not None:
-                        self.tree.evict_host_copy(x)
-        self.stats.add("l2_to_l1_tokens", total)
-        self.stats.add("h2d_bytes", total * self.slab.bytes_per_token)
-        return True
-
-    def _unpin(self, pins: list[Any]) -> None:
-        for pin in pins:
-            self.tree.unpin_l2(pin)
-
-    def _stage_for_request(self, rid: str, namespace: Hashable, tokens: array) -> None:
-        """Stage an arriving request's prefix to the device, by the engines' rule
-        (:class:`~hiradix.policies.base.StagedForRequests`)."""
-        ahead = sum(self._new_by_rid.get(r.rid, 0) for r in self.waiting() if r.rid != rid)
-        found = self.tree.match(namespace, tokens, touch=False)
-        now = self.now
-        pool = self.token_to_kv_pool_allocator.size
-        if not self._staged_for.fits(found.host_len, now=now, l1_tokens=pool, queued_new=ahead):
-            self.stats.add("policy_plans_skipped")
-            return
-        staged = self._stage_l1(namespace, tokens, found)
-        if staged:
-            self._staged_for.add(rid, staged, now)
-
-    def _stage_l1(self, namespace: Hashable, tokens: array, found: Any = None) -> int:
-        """A policy's ``Stage(tier=L1)``: bring the host-ready run of the path that
-        follows its device-resident part up now, evicting unlocked device leaves for room
-        as a load-back would (locked nodes never move; the policy bounds how much it
-        stages); what is still in L3 is staged into host memory and comes up at
-        admission (load-back). ``found``: the path's current match, if the caller has it."""
-        if found is None:
-            found = self.tree.match(namespace, tokens, touch=False)
-        run: list[Node] = []
-        cur = found.host_node
-        while cur is not found.l1_node:  # the host-only run, deepest first
-            run.append(cur)
-            cur = cur.parent
-        run.reverse()
-        ready: list[Node] = []
-        for x in run:
-            if not x.l2_ready:
-                break
-            ready.append(x)
-        if self.slab is None or not ready:
-            return 0
-        if not self._load_run(ready, found.l1_node):
-            self.stats.add("policy_plans_skipped")
-            return 0
-        self.tree.match(namespace, tokens, touch=True)  # staged for use: as recent as a use
-        staged = sum(len(x) for x in ready)
-        self.stats.add("policy_l1_staged_tokens", staged)
-        return staged
-
     def release_aborted_request(self, handle: Any) -> None:
         rid = getattr(handle, "rid", None)
         self._loaded_by_rid.pop(rid, None)
@@ -833,181 +455,6 @@ class HiRadixCache(BasePrefixCache):
         self._l3_to_report.pop(rid, None)
         if self.storage is not None and rid is not None:
             self.storage.forget(rid)
-
-    # ------------------------------------------------------------------ L3 prefetch hooks
-    def is_backuped(self, node: Any) -> bool:
-        return True  # hiradix looks L3 up for whatever follows the local match
-
-    def is_root(self, node: Any) -> bool:
-        return node is self.tree.root or self.tree.is_root(node)
-
-    def get_last_hash_value(self, node: Any) -> None:
-        return None
-
-    def get_prefix_hash_values(self, node: Any) -> None:
-        return None
-
-    def prefetch_from_storage(
-        self,
-        handle: Any,
-        last_host_node: Any,
-        new_input_tokens: Any,
-        last_hash: Any = None,
-        prefix_keys: Any = None,
-        *,
-        matched_prefix_tokens: Any = (),
-        extra_key: Any = None,
-        cache_salt: Any = None,
-        storage_hit_end: Any = None,
-        **kwargs: Any,
-    ) -> bool:
-        """Arrival: look up in L3 what follows the request's local (L1 + L2) match."""
-        if self.disable or (self.storage is None and self.slab is None):
-            return False
-        tokens = array("q", matched_prefix_tokens)
-        tokens.extend(new_input_tokens)
-        local = len(matched_prefix_tokens)
-        namespace = (extra_key, cache_salt or None)
-        rid = handle.rid
-        if self.storage is None:  # host tier only: the policy hears the arrival
-            self._on_arrival(rid, namespace, tokens, 0)
-            return False
-
-        def decide(present_tokens: int) -> int:
-            return self._on_arrival(rid, namespace, tokens, present_tokens)
-
-        if self.storage.prefetch(rid, namespace, tokens, local, decide):
-            return True
-        self._on_arrival(rid, namespace, tokens, 0)  # nothing to look up: the policy still hears
-        return False
-
-    # ------------------------------------------------------------------ prefetch policy
-    def _announce(self, hook: str) -> None:
-        if hook not in self._announced:
-            self._announced.add(hook)
-            try:
-                import setproctitle
-
-                title = setproctitle.getproctitle()
-            except ImportError:  # optional: only for the log line
-                title = "?"
-            logger.info(
-                "hiradix: prefetch policy %s: first %s callback in pid %d (%s)",
-                self.policy.name,
-                hook,
-                os.getpid(),
-                title,
-            )
-
-    def _on_arrival(self, rid: str, namespace: Hashable, tokens: array, l3_tokens: int) -> int:
-        """The policy sees the arrival with each tier's run; returns how many of the
-        ``l3_tokens`` present in the store to fetch for this request now."""
-        self._announce("on_arrival")
-        found = self.tree.match(namespace, tokens, touch=False)
-        view = PathView(tokens, namespace)
-        event = ArrivalEvent(
-            self.now, rid, namespace, view, TierRun(found.l1_len, found.host_len, l3_tokens)
-        )
-        self.stats.add("policy_events")
-        local = found.total_len
-        self._new_by_rid[rid] = max(0, len(tokens) - local - l3_tokens)
-        # without a prefetch policy a request still reads its own L3 hit at admission;
-        # a policy decides what to fetch (and stage) for it
-        take = l3_tokens if self.policy.name == "none" else 0
-        for plan in self.policy.on_arrival(event):
-            if (
-                isinstance(plan, Stage)
-                and plan.namespace == namespace
-                and _is_prefix(plan.tokens, tokens)
-            ):
-                take = max(take, len(plan.tokens) - local)
-                self.stats.add("policy_plans")
-                if plan.tier is Tier.L1:  # its host run goes up while it waits to be scheduled
-                    self._stage_for_request(rid, namespace, array("q", plan.tokens))
-            else:
-                self._execute(plan)
-        return take
-
-    def _execute(self, plan: Any) -> None:
-        """Carry out a plan about some path: stage it from L3 into host memory in the
-        background (bounded) and, for ``tier=L1``, its host-ready run onto the device
-        (free device slots only); or let it go cold."""
-        self.stats.add("policy_plans")
-        tokens = array("q", plan.tokens)
-        if isinstance(plan, Cold):
-            found = self.tree.match(plan.namespace, tokens, touch=False)
-            if found.host_len or found.l1_len:
-                self.tree.set_cold(found.host_node)  # first in line for eviction
-            return
-        if not isinstance(plan, Stage):
-            self.stats.add("policy_plans_skipped")
-            return
-        if plan.tier is Tier.L1:
-            self._stage_l1(plan.namespace, tokens)
-        if self.storage is None:
-            return
-        if len(self.storage.prefetches) >= MAX_BACKGROUND_PREFETCH:
-            self.stats.add("policy_plans_skipped")
-            return
-        found = self.tree.match(plan.namespace, tokens, touch=False)
-        self._plan_seq += 1
-        key = f"plan:{self._plan_seq}"
-        if self.storage.prefetch(key, plan.namespace, tokens, found.total_len):
-            self.storage.forget(key)  # nobody waits on it: pages land when they arrive
-
-    def on_release(self, req: Req, *, checkpointed: bool) -> None:
-        if self.disable:
-            return
-        self._announce("on_finish")
-        namespace = (req.extra_key, req.cache_salt)
-        view = PathView(array("q", req.full_untruncated_fill_ids), namespace)
-        self.stats.add("policy_events")
-        for plan in self.policy.on_finish(FinishEvent(self.now, req.rid, namespace, view)):
-            self._execute(plan)
-
-    def _tick(self) -> None:
-        now = self.now
-        if now - self._last_tick < TICK_SECONDS:
-            return
-        self._last_tick = now
-        caps = {
-            Tier.L1: float(self.token_to_kv_pool_allocator.size),
-            Tier.L2: float(self.slab.num_slots if self.slab is not None else 0),
-            Tier.L3: float("inf") if self.storage is not None else 0.0,
-        }
-        self.stats.add("policy_events")
-        for plan in self.policy.on_tick(TickEvent(now, RadixTreeView(self.tree, caps))):
-            self._execute(plan)
-
-    def check_prefetch_progress(self, handle: Any) -> bool:
-        """Admission gate: whether the request may be scheduled now (per the wait mode).
-        It reads only agreed state (the prefetch's progress as applied at the last step,
-        the agreed clock), so every TP rank answers the same without a collective."""
-        if self.storage is None:
-            return True
-        state = self.storage.prefetches.get(handle.rid)
-        prefetch = self.config.prefetch
-        # never wait on a losing tier, unless others are queued to use the time
-        others = self.storage.others_queued()
-        budget = prefetch.wait_budget(len(state.tokens), others) if state is not None else 0.0
-        worth = others or self.storage.cost.fetching
-        ready = wait_ready(prefetch.wait.value if worth else "best_effort", state, budget, self.now)
-        if state is None:
-            return True
-        if not ready:
-            return False
-        self.storage.prefetches.pop(handle.rid, None)
-        if state.done:
-            added = self.storage.materialize(state)
-            if added:
-                self._l3_by_rid[handle.rid] = added
-                self._l3_to_report[handle.rid] = added
-        else:
-            state.abandoned = True
-        return True
-
-    def pop_prefetch_loaded_tokens(self, handle: Any) -> int:
-        return self._l3_to_report.pop(getattr(handle, "rid", None), 0)
 
     def ready_to_load_host_cache(self) -> int:
         return -1
@@ -1022,26 +469,3 @@ class HiRadixCache(BasePrefixCache):
                 self.storage.store.close()
             except Exception as exc:  # noqa: BLE001 - shutdown must not fail on a dead store
                 logger.debug("hiradix: closing the L3 store: %r", exc)
-
-
-def _deepest(nodes: list[Node]) -> list[Node]:
-    """Drop nodes that are ancestors of another node in the list (their path is saved
-    with the descendant's)."""
-    ancestors: set[int] = set()
-    for node in nodes:
-        cur = node.parent
-        while cur is not None and id(cur) not in ancestors:
-            ancestors.add(id(cur))
-            cur = cur.parent
-    seen: set[int] = set()
-    out = []
-    for node in nodes:
-        if id(node) not in ancestors and id(node) not in seen:
-            seen.add(id(node))
-            out.append(node)
-    return out
-
-
-def _is_prefix(plan_tokens: Any, tokens: array) -> bool:
-    n = len(plan_tokens)
-    return 0 < n <= len(tokens) and array("q", plan_tokens) == tokens[:n]
