@@ -26,226 +26,43 @@ import hashlib
 import logging
 import time
 from array import array
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
-from sortedcontainers import SortedList
-
+from hiradix import tree_inspect, tree_ttl
 from hiradix.policies.eviction import EvictionOrder, get_eviction_order
+from hiradix.tree_nodes import (
+    Clock,
+    FreeCallback,
+    InsertOutcome,
+    LeafQueue,
+    Node,
+    Pin,
+    Ticket,
+    TierTtl,
+    TreeMatch,
+    TtlRules,
+    chain_page_keys,
+    common_prefix_len,
+)
 from hiradix.types import PageKey
 
 logger = logging.getLogger(__name__)
 
-Clock = Callable[[], float]
-FreeCallback = Callable[[Any], None]
+NO_TTL = TtlRules()
 
-
-class LeafQueue:
-    """The evictable leaves of one tier, kept sorted by the eviction order (node id breaks
-    ties, so every TP rank picks the same victims): O(log n) to add, remove, re-rank and
-    take the next victim, and no rebuild per eviction call."""
-
-    __slots__ = ("_keys", "_nodes", "_order", "_sorted")
-
-    def __init__(self, order: EvictionOrder):
-        self._order = order
-        self._sorted: SortedList = SortedList()
-        self._keys: dict[int, tuple] = {}
-        self._nodes: dict[int, Node] = {}
-
-    def __contains__(self, node: object) -> bool:
-        return isinstance(node, Node) and node.id in self._keys
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __bool__(self) -> bool:
-        return bool(self._keys)
-
-    def __iter__(self) -> Iterator[Node]:
-        return (self._nodes[key[-1]] for key in self._sorted)
-
-    def add(self, node: Node) -> None:
-        if node.id not in self._keys:
-            key = (self._order(node), node.id)
-            self._keys[node.id] = key
-            self._nodes[node.id] = node
-            self._sorted.add(key)
-
-    def discard(self, node: Node) -> None:
-        key = self._keys.pop(node.id, None)
-        if key is not None:
-            del self._nodes[node.id]
-            self._sorted.remove(key)
-
-    def refresh(self, node: Node) -> None:
-        """Re-rank ``node`` after a field its order reads changed."""
-        if node.id in self._keys:
-            self.discard(node)
-            self.add(node)
-
-    def first(self) -> Node:
-        return self._nodes[self._sorted[0][-1]]
-
-    def clear(self) -> None:
-        self._sorted.clear()
-        self._keys.clear()
-        self._nodes.clear()
-
-
-class Ticket:
-    """Completion flag of the host write that fills a node's slots, shared by every piece
-    a split makes of that node (``nodes``): until it is done the slots are being written,
-    so no piece's slots may be handed back, even if the piece leaves the tree."""
-
-    __slots__ = ("done", "failed", "nodes")
-
-    def __init__(self) -> None:
-        self.done = False
-        self.failed = False
-        self.nodes: list[Node] = []
-
-
-class Pin:
-    """A reader's hold on host copies (a load-back, an L3 write, a demotion that adds a
-    child), shared by every piece a split makes of a pinned node (``nodes``): releasing
-    the pin releases all of them, and slots of a piece that left the tree meanwhile are
-    handed back only then."""
-
-    __slots__ = ("nodes",)
-
-    def __init__(self) -> None:
-        self.nodes: list[Node] = []
-
-
-@dataclass(frozen=True, slots=True)
-class TierTtl:
-    """Time to live of one tier: ``seconds=None`` keeps pages until evicted."""
-
-    seconds: float | None = None
-    sliding: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class TtlRules:
-    device: TierTtl = TierTtl()
-    host: TierTtl = TierTtl()
-    max_age: float | None = None
-
-    @property
-    def enabled(self) -> bool:
-        return (
-            self.device.seconds is not None
-            or self.host.seconds is not None
-            or self.max_age is not None
-        )
-
-
-class Node:
-    __slots__ = (
-        "accessed_at",
-        "children",
-        "created_at",
-        "created_tick",
-        "hits",
-        "id",
-        "keys",
-        "l1",
-        "l1_at",
-        "l2",
-        "l2_at",
-        "l2_pins",
-        "l2_ticket",
-        "last_access",
-        "lock_ref",
-        "namespace",
-        "parent",
-        "priority",
-        "tokens",
-    )
-
-    def __init__(self, node_id: int, tokens: array, parent: Node | None, tick: int, now: float):
-        self.id = node_id
-        self.parent = parent
-        self.children: dict[Hashable, Node] = {}
-        self.tokens = tokens
-        self.l1: Any = None
-        self.l2: Any = None
-        self.l2_ticket: Ticket | None = None
-        self.l2_pins: list[Pin] = []  # readers of the host copy: it must stay
-        self.lock_ref = 0
-        self.hits = 0
-        self.priority = 0
-        self.last_access = tick
-        self.created_tick = tick
-        self.created_at = now
-        self.accessed_at = now
-        self.l1_at = now
-        self.l2_at = now
-        self.keys: list[PageKey] | None = None
-        self.namespace: Hashable = parent.namespace if parent is not None else None
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def l2_ready(self) -> bool:
-        return self.l2 is not None and (self.l2_ticket is None or self.l2_ticket.done)
-
-    @property
-    def l2_busy(self) -> bool:
-        """Whether the host slots are being read or written (they cannot be handed back)."""
-        return bool(self.l2_pins) or (self.l2_ticket is not None and not self.l2_ticket.done)
-
-    def __repr__(self) -> str:
-        return (
-            f"Node(id={self.id}, len={len(self.tokens)}, l1={self.l1 is not None}, "
-            f"l2={self.l2 is not None}, lock={self.lock_ref})"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class TreeMatch:
-    """Result of a lookup. ``l1_node`` ends the device-resident prefix; ``host_node`` ends
-    the run after it that is only on host (equal to ``l1_node`` when there is none);
-    ``node`` is the deepest node matched (page keys of what follows chain from it)."""
-
-    l1_len: int
-    l1_node: Node
-    host_len: int
-    host_node: Node
-
-    @property
-    def total_len(self) -> int:
-        return self.l1_len + self.host_len
-
-
-@dataclass(frozen=True, slots=True)
-class InsertOutcome:
-    prefix_len: int  # tokens already on device before this insert (caller frees its copies)
-    node: Node  # where the inserted key ends
-    new_nodes: tuple[Node, ...]  # nodes that gained device residency (candidates to demote)
-
-
-def common_prefix_len(a: array, b: array, b_off: int) -> int:
-    """Length of the common prefix of ``a`` and ``b[b_off:]``, galloping over C-level slice
-    compares so that long shared prefixes cost no per-token Python work."""
-    n = min(len(a), len(b) - b_off)
-    lo, step = 0, 64
-    while lo < n:
-        hi = min(lo + step, n)
-        if a[lo:hi] != b[b_off + lo : b_off + hi]:
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                if a[lo:mid] == b[b_off + lo : b_off + mid]:
-                    lo = mid
-                else:
-                    hi = mid
-            return lo
-        lo = hi
-        step *= 2
-    return n
+__all__ = [  # the tree and the value types callers import from here (tree_nodes.py)
+    "InsertOutcome",
+    "Node",
+    "Pin",
+    "RadixTree",
+    "Ticket",
+    "TierTtl",
+    "TreeMatch",
+    "TtlRules",
+    "chain_page_keys",
+    "common_prefix_len",
+]
 
 
 class RadixTree:
@@ -256,7 +73,7 @@ class RadixTree:
         page_size: int = 1,
         *,
         eviction: str | EvictionOrder = "lru",
-        ttl: TtlRules = TtlRules(),
+        ttl: TtlRules = NO_TTL,
         clock: Clock = time.monotonic,
         free_l1: FreeCallback = lambda values: None,
         free_l2: FreeCallback = lambda slots: None,
@@ -330,7 +147,11 @@ class RadixTree:
             child = node.children.get(self._child_key(tokens, pos))
             if child is None:
                 break
-            if self.ttl.enabled and self._expire_if_due(child, now) and child.parent is None:
+            if (
+                self.ttl.enabled
+                and tree_ttl.expire_if_due(self, child, now)
+                and child.parent is None
+            ):
                 break  # expired and removed with its subtree
             matched = common_prefix_len(child.tokens, tokens, pos)
             matched -= matched % self.page_size
@@ -750,61 +571,10 @@ class RadixTree:
             # slots read or written now are handed back by unpin_l2 / finish_ticket
             self._release_detached_l2(node)
 
-    # ------------------------------------------------------------------ TTL
-    def _due(self, node: Node, rule: TierTtl, written_at: float, now: float) -> bool:
-        if self.ttl.max_age is not None and now - node.created_at >= self.ttl.max_age:
-            return True
-        if rule.seconds is None:
-            return False
-        base = node.accessed_at if rule.sliding else written_at
-        return now - base >= rule.seconds
-
-    def _expire_if_due(self, node: Node, now: float) -> bool:
-        """Drop the tiers of ``node`` (and its subtree) whose time is up. Locked device
-        copies and host copies being read are left for a later pass."""
-        changed = False
-        if (
-            node.l2 is not None
-            and not node.l2_busy
-            and self._due(node, self.ttl.host, node.l2_at, now)
-        ):
-            self.expired_tokens["l2"] += self._subtree_tokens(node, "l2")
-            self._drop_host_subtree(node)
-            changed = True
-        if (
-            node.parent is not None
-            and node.l1 is not None
-            and node.lock_ref == 0
-            and self._due(node, self.ttl.device, node.l1_at, now)
-        ):
-            self.expired_tokens["l1"] += self._subtree_tokens(node, "l1")
-            self._drop_device_subtree(node)
-            changed = True
-        return changed
-
-    def _drop_device_subtree(self, node: Node) -> None:
-        for child in list(node.children.values()):
-            self._drop_device_subtree(child)
-        if node.l1 is not None and node.parent is not None and node.lock_ref == 0:
-            self._drop_l1(node)
-
-    def _subtree_tokens(self, node: Node, tier: str) -> int:
-        total = len(node) if getattr(node, tier) is not None else 0
-        for child in node.children.values():
-            total += self._subtree_tokens(child, tier)
-        return total
-
+    # ------------------------------------------------------------------ TTL (tree_ttl.py)
     def sweep(self, max_nodes: int = 64) -> int:
         """Bounded expiry pass over current leaves; returns how many nodes it changed."""
-        if not self.ttl.enabled:
-            return 0
-        now = self.clock()
-        changed = 0
-        candidates = list(self.l1_leaves)[:max_nodes] + list(self.l2_leaves)[:max_nodes]
-        for node in candidates:
-            if node.parent is not None and self._expire_if_due(node, now):
-                changed += 1
-        return changed
+        return tree_ttl.sweep(self, max_nodes)
 
     # ------------------------------------------------------------------ paths and keys
     def path(self, node: Node) -> list[Node]:
@@ -858,93 +628,11 @@ class RadixTree:
 
     def check_invariants(self) -> None:
         """Raise ``AssertionError`` if the tree's bookkeeping is inconsistent (tests only)."""
-        evictable = protected = host = 0
-        for node in self.iter_nodes():
-            parent = node.parent
-            assert parent is not None
-            if parent is not self.root and node.l1 is not None and len(parent) > 0:
-                assert parent.l1 is not None, f"L1 not prefix-closed at {node!r}"
-            if parent is not self.root and node.l2 is not None and len(parent) > 0:
-                # host copies fetched from L3 may hang below a device-only parent
-                assert parent.l2 is not None or parent.l1 is not None, f"orphan host copy {node!r}"
-            if len(node) and node.l1 is None and node.l2 is None:
-                raise AssertionError(f"non-resident node kept: {node!r}")
-            if node.l1 is not None:
-                assert len(node.l1) == len(node), node
-                if node.lock_ref > 0:
-                    protected += len(node)
-                else:
-                    evictable += len(node)
-            if node.l2 is not None:
-                host += len(node)
-            assert node.lock_ref >= 0
-        for node in self.iter_nodes():
-            if node.parent is None or node.parent is self.root:
-                continue
-            is_l1_leaf = (
-                node.l1 is not None
-                and node.lock_ref == 0
-                and not any(c.l1 is not None for c in node.children.values())
-            )
-            assert is_l1_leaf == (node in self.l1_leaves), f"L1 leaf queue out of date at {node!r}"
-        ranks = [(self.order(n), n.id) for n in self.l1_leaves]
-        assert ranks == sorted(ranks), "L1 leaf queue out of order"
-        assert evictable == self.evictable_tokens, (evictable, self.evictable_tokens)
-        assert protected == self.protected_tokens, (protected, self.protected_tokens)
-        assert host == self.l2_tokens, (host, self.l2_tokens)
+        tree_inspect.check_invariants(self)
 
     def state_digest(self) -> list[tuple[str, int]]:
-        """Named integers that equal trees share (the TP consensus checker compares them
-        across ranks): counts per tier, locks, and a hash of every node's shape and
-        residency. O(nodes): for checking, not for every step of production."""
-        shape = hashlib.blake2b(digest_size=8)
-        nodes = 0
-        for node in sorted(self.iter_nodes(), key=lambda n: n.id):
-            nodes += 1
-            shape.update(
-                b"%d,%d,%d,%d,%d,%d,%d;"
-                % (
-                    node.id,
-                    node.parent.id if node.parent is not None else -1,
-                    len(node),
-                    node.l1 is not None,
-                    2 if node.l2_ready else node.l2 is not None,
-                    node.lock_ref,
-                    len(node.l2_pins),
-                )
-            )
-        return [
-            ("nodes", nodes),
-            ("evictable_tokens", self.evictable_tokens),
-            ("protected_tokens", self.protected_tokens),
-            ("l2_tokens", self.l2_tokens),
-            ("tree_shape_hash", int.from_bytes(shape.digest(), "little") >> 2),
-        ]
+        """Named integers that equal trees share (see ``tree_inspect.state_digest``)."""
+        return tree_inspect.state_digest(self)
 
     def dump(self, limit: int = 200) -> str:
-        lines: list[str] = []
-
-        def walk(node: Node, depth: int) -> None:
-            if len(lines) >= limit:
-                return
-            lines.append(
-                f"{'  ' * depth}{len(node)} {list(node.tokens[:8])} "
-                f"l1={node.l1 is not None} l2={node.l2 is not None} lock={node.lock_ref}"
-            )
-            for child in node.children.values():
-                walk(child, depth + 1)
-
-        walk(self.root, 0)
-        return "\n".join(lines)
-
-
-def chain_page_keys(prev: bytes, tokens: Sequence[int] | array, page_size: int) -> list[PageKey]:
-    """SHA-256-strength chain is not needed inside one tree; BLAKE2b-128 is collision-safe
-    for content addressing and several times faster than SHA-256 in CPython."""
-    raw = tokens.tobytes() if isinstance(tokens, array) else array("q", tokens).tobytes()
-    step = page_size * 8
-    keys: list[PageKey] = []
-    for off in range(0, len(raw), step):
-        prev = hashlib.blake2b(prev + raw[off : off + step], digest_size=16).digest()
-        keys.append(PageKey(prev))
-    return keys
+        return tree_inspect.dump(self, limit)
