@@ -555,6 +555,12 @@ class RadixTree:
         self.l1_leaves.discard(node)
         self.l2_leaves.discard(node)
         self._update_leaf(parent)
+        if parent.parent is self.root and not parent.children and parent.lock_ref == 1:
+            # an emptied namespace root that no request holds: one per cache_salt or LoRA
+            # would otherwise be kept forever
+            del self.ns_roots[parent.namespace]
+            self.root.children.pop(("ns", parent.namespace), None)
+            parent.parent = None
 
     def _release_subtree(self, node: Node) -> None:
         for child in list(node.children.values()):

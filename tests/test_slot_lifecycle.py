@@ -16,6 +16,7 @@ from test_tree import FakeClock, make_tree, seq
 
 from hiradix.config import parse_config
 from hiradix.kv_copy import LayerEvents
+from hiradix.policies.base import FinishEvent, PathView
 from hiradix.tree import Ticket, TierTtl, TtlRules
 
 pytestmark = pytest.mark.usefixtures("sglang_context")
@@ -159,3 +160,42 @@ def test_policy_hears_an_arrival_that_misses_l3():
         cache.step()
         time.sleep(0.001)
     assert heard == [("miss", 0)]
+
+
+def test_namespace_roots_of_gone_tenants_are_pruned():
+    """Issue 16 item 4: one namespace root per ``cache_salt`` was kept forever."""
+    tree, pool, _ = make_tree()
+    for salt in range(50):
+        tokens = seq(1, 2, 3)
+        tree.insert(("lora", salt), tokens, pool.alloc(salt, tokens))
+    assert len(tree.ns_roots) == 50
+    tree.evict_l1(1_000)
+    assert tree.ns_roots == {} and not tree.root.children
+    held = tree.insert(("lora", 99), seq(4, 5), pool.alloc(99, seq(4, 5))).node
+    tree.lock(held)
+    tree.check_invariants()
+
+
+def test_policy_forgets_requests_aborted_before_they_finish():
+    """Issue 16 item 4: per-request maps of the session and pattern policies leaked for
+    requests aborted while queued (``release_aborted_request`` never told the policy)."""
+    from types import SimpleNamespace
+
+    for policy in ("session", "pattern"):
+        pools = make_pools(size=256)
+        config = parse_config({"host": {"size": "1MiB"}, "prefetch": {"policy": policy}})
+        cache = HiRadixCache(pools.params(1), config, model_id="m")
+        inner = cache.policy.policy
+        kept = inner._by_request if policy == "session" else inner._requests
+        ns = (None, None)
+        for i in range(20):  # earlier turns: the session policy knows these conversations
+            path = PathView(array("q", range(10_000 * i, 10_000 * i + 600)), ns)
+            inner.on_finish(FinishEvent(cache.now, f"seed{i}", ns, path))
+        for i in range(20):
+            handle = SimpleNamespace(rid=f"r{i}", attempt_id=0)
+            prompt = list(range(10_000 * i, 10_000 * i + 650))
+            cache.prefetch_from_storage(handle, None, prompt, matched_prefix_tokens=[])
+        assert kept, f"{policy}: nothing kept per request (the test would prove nothing)"
+        for i in range(20):
+            cache.release_aborted_request(SimpleNamespace(rid=f"r{i}", attempt_id=0))
+        assert not kept, f"{policy} kept {len(kept)} aborted requests"

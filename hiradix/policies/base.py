@@ -210,6 +210,14 @@ class ArrivalEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class AbortEvent:
+    """A request left before it finished (aborted while queued or running): forget it."""
+
+    now: float
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class FinishEvent:
     """A request finished; ``path`` is its full path (prompt, then output when known)."""
 
@@ -373,6 +381,10 @@ class PrefetchPolicy(ABC):
         """Periodic call with a read-only view of the tree."""
         return ()
 
+    def on_abort(self, event: AbortEvent) -> Sequence[Plan]:
+        """A request that arrived will never finish: drop what is kept for it."""
+        return ()
+
 
 class GuardedPolicy:
     """Runs a policy for an engine: validates its plans and disables it on the first fault.
@@ -416,3 +428,8 @@ class GuardedPolicy:
 
     def on_tick(self, event: TickEvent) -> tuple[Plan, ...]:
         return self._call("on_tick", event)
+
+    def on_abort(self, event: AbortEvent) -> tuple[Plan, ...]:
+        if not hasattr(self.policy, "on_abort"):  # a policy written before the hook
+            return ()
+        return self._call("on_abort", event)

@@ -17,6 +17,7 @@ from collections.abc import Hashable, Sequence
 from typing import Any
 
 from hiradix.policies.base import (
+    AbortEvent,
     ArrivalEvent,
     FinishEvent,
     PathView,
@@ -172,6 +173,10 @@ class SessionPolicy(StagingPolicy):
             gap if session.think is None else (self.ema * gap + (1 - self.ema) * session.think)
         )
         self._global_think = 0.1 * gap + 0.9 * self._global_think
+
+    def on_abort(self, event: AbortEvent) -> Sequence[Plan]:
+        self._by_request.pop(event.request_id, None)
+        return ()
 
     def on_finish(self, event: FinishEvent) -> Sequence[Plan]:
         sid = self._by_request.pop(event.request_id, None)

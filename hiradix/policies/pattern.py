@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
 from hiradix.policies.base import (
+    AbortEvent,
     ArrivalEvent,
     Cold,
     FinishEvent,
@@ -201,6 +202,10 @@ class PatternPolicy(StagingPolicy):
             path = event.key.prefix(min(matched.total, len(event.key)))
             plans.append(Stage(event.namespace, path, Tier.L1, event.now, last - 1))
         return plans
+
+    def on_abort(self, event: AbortEvent) -> Sequence[Plan]:
+        self._requests.pop(event.request_id, None)
+        return ()
 
     def on_finish(self, event: FinishEvent) -> Sequence[Plan]:
         kind, added = self._requests.pop(event.request_id, (0, len(event.path)))

@@ -40,6 +40,7 @@ from sglang.srt.mem_cache.radix_cache import RadixKey
 from hiradix.kv_copy import LayerLoadGate
 from hiradix.metrics import PrometheusExporter, Stats, StatsSnapshot
 from hiradix.policies.base import (
+    AbortEvent,
     GuardedPolicy,
     StagedForRequests,
 )
@@ -455,6 +456,9 @@ class HiRadixCache(HostTier, StoragePrefetch, BasePrefixCache):
         self._l3_to_report.pop(rid, None)
         if self.storage is not None and rid is not None:
             self.storage.forget(rid)
+        if rid is not None:  # the policy forgets what it kept for the request
+            for plan in self.policy.on_abort(AbortEvent(self.now, rid)):
+                self._execute(plan)
 
     def ready_to_load_host_cache(self) -> int:
         return -1
