@@ -199,3 +199,37 @@ def test_policy_forgets_requests_aborted_before_they_finish():
         for i in range(20):
             cache.release_aborted_request(SimpleNamespace(rid=f"r{i}", attempt_id=0))
         assert not kept, f"{policy} kept {len(kept)} aborted requests"
+
+
+def test_refused_l3_writes_are_counted_and_written_again():
+    """Issue 16 item 13: pages the store refused (``put_many`` -> False, e.g. a full disk)
+    were marked written and counted in ``l2_to_l3_tokens``; they were never retried."""
+    cache, _, sched = make_cache({"kind": "memory", "block_tokens": 16})
+    storage = cache.storage
+    real_put = storage.store.put_many
+    refuse = [True]
+
+    def put_many(items, ttl):
+        if refuse[0]:
+            return [False] * len(items)
+        return real_put(items, ttl)
+
+    storage.store.put_many = put_many
+
+    def settle() -> None:
+        for _ in range(10):
+            cache.flush_pending_backups()
+            cache.engine.drain()
+            cache.step()
+
+    sched.run(SimReq("a", list(range(7000, 7064))))
+    settle()
+    counters = cache.stats.counters
+    assert counters["l2_to_l3_tokens"] == 0
+    assert counters["l3_dropped_writes"] == 4
+    assert not storage._written
+    refuse[0] = False
+    leaf = cache.tree.match((None, None), array("q", range(7000, 7064)), touch=False).host_node
+    storage.save_path(leaf)  # the next write-through of the path tries again
+    settle()
+    assert counters["l2_to_l3_tokens"] == 64 and len(storage._written) == 4
