@@ -193,12 +193,26 @@ class CudaKvCopier:
         self.stream = torch.cuda.Stream(device=device)
         self.forward_stream = forward_stream or torch.cuda.current_stream(device)
 
+    def _ordered(self, device_idx: torch.Tensor) -> torch.Tensor:
+        """``device_idx`` on the device, and the copy stream ordered after every stream that
+        may still produce what the copy reads: the forward stream (KV being written, slots
+        being read) and the caller's current stream (under SGLang's overlap scheduler the
+        index tensors are made on its schedule stream). The indices are recorded on the copy
+        stream, so the caching allocator does not hand their memory out while it reads."""
+        device = self.device_k[0].device
+        device_idx = device_idx.to(device, non_blocking=True)
+        self.stream.wait_stream(self.forward_stream)
+        current = torch.cuda.current_stream(device)
+        if current != self.forward_stream:
+            self.stream.wait_stream(current)
+        device_idx.record_stream(self.stream)
+        return device_idx
+
     def device_to_host(self, device_idx: torch.Tensor, host_idx: torch.Tensor) -> CopyHandle:
-        device_idx = device_idx.to(self.device_k[0].device, non_blocking=True)
+        device_idx = self._ordered(device_idx)
         run = contiguous_range(host_idx)
         if run is not None:  # straight into the pinned slab rows: no staging, no host scatter
             lo, hi = run
-            self.stream.wait_stream(self.forward_stream)
             with torch.cuda.stream(self.stream):
                 for layer, (k, v) in enumerate(zip(self.device_k, self.device_v)):
                     self.host.k[layer][lo:hi].copy_(
@@ -220,7 +234,6 @@ class CudaKvCopier:
         staging_v = torch.empty(
             (len(self.device_v), n, *v0.shape[1:]), dtype=v0.dtype, pin_memory=True
         )
-        self.stream.wait_stream(self.forward_stream)
         with torch.cuda.stream(self.stream):
             for layer, (k, v) in enumerate(zip(self.device_k, self.device_v)):
                 staging_k[layer].copy_(k.index_select(0, device_idx), non_blocking=True)
@@ -230,10 +243,9 @@ class CudaKvCopier:
         return _StagedHandle(event, self.host, host_idx.cpu(), staging_k, staging_v)
 
     def host_to_device(self, host_idx: torch.Tensor, device_idx: torch.Tensor) -> LayerEvents:
-        device_idx = device_idx.to(self.device_k[0].device, non_blocking=True)
+        device_idx = self._ordered(device_idx)
         host_cpu = host_idx.cpu()
         run = contiguous_range(host_cpu)
-        self.stream.wait_stream(self.forward_stream)
         events = []
         with torch.cuda.stream(self.stream):
             for layer, (k, v) in enumerate(zip(self.device_k, self.device_v)):

@@ -89,6 +89,26 @@ def test_device_to_host_is_ordered_after_the_forward_stream():
     assert bool((slab.k[:, host_idx] == 7.0).all()) and bool((slab.v[:, host_idx] == -3.0).all())
 
 
+def test_copies_wait_for_indices_made_on_the_callers_stream():
+    """Issue 16 item 1: under SGLang's overlap scheduler the index tensors come from its
+    schedule stream, not the forward stream; the copy must wait for them, and their memory
+    must not be reused while the copy reads them."""
+    k, v, slab = make_pool()
+    forward = torch.cuda.Stream()
+    schedule = torch.cuda.Stream()
+    copier = CudaKvCopier(k, v, slab, forward_stream=forward)
+    host_idx = slab.alloc(256)
+    expected_k = torch.stack([layer[512:768] for layer in k]).cpu()
+    with torch.cuda.stream(schedule):
+        torch.cuda._sleep(50_000_000)  # the schedule stream is still busy...
+        device_idx = torch.arange(256, device="cuda") + 512  # ...making the indices
+        handle = copier.device_to_host(device_idx, host_idx)
+        del device_idx  # its memory goes back to the allocator at once
+        torch.empty(256, dtype=torch.int64, device="cuda").fill_(0)  # and may be reused
+    handle.wait()
+    assert torch.equal(slab.k[:, host_idx], expected_k)
+
+
 def test_host_to_device_waits_for_readers_on_the_forward_stream():
     """Slots being loaded into may still be read by a kernel on the forward stream."""
     k, v, slab = make_pool(torch.float32)
