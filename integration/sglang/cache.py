@@ -37,6 +37,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 )
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
+from hiradix.identity import ModelIdentity
 from hiradix.kv_copy import LayerLoadGate
 from hiradix.metrics import PrometheusExporter, Stats, StatsSnapshot
 from hiradix.policies.base import (
@@ -83,7 +84,7 @@ class HiRadixCache(HostTier, StoragePrefetch, BasePrefixCache):
         clock: Any = time.monotonic,
         forward_stream: Any = None,
         metric_labels: dict[str, str] | None = None,
-        model_id: str = "model",
+        model_id: str | ModelIdentity = "model",
         tp_group: Any = None,
         shard: tuple[int, int] = (0, 1),
     ):
@@ -138,9 +139,14 @@ class HiRadixCache(HostTier, StoragePrefetch, BasePrefixCache):
         self._l3_to_report: dict[str, int] = {}
         self.tp_group = tp_group
         self.shard = shard  # (this rank among all TP x PP ranks, how many)
+        #: what seeds the L3 page keys (``hiradix/identity.py``); a weight update moves it
+        #: to a new weights epoch (``new_weights_epoch``)
+        self.identity = model_id if isinstance(model_id, ModelIdentity) else None
+        self.model_id = model_id.key() if isinstance(model_id, ModelIdentity) else model_id
+        self.resets = 0  # times the tree was reset (flush_cache): read by the epoch hooks
         self.storage: StorageTier | None = None
         if self.slab is not None and config.store.kind.value != "none":
-            self._init_store(model_id)
+            self._init_store(self.model_id)
         self.policy = GuardedPolicy(create_policy(config.prefetch))
         self._last_tick = 0.0
         self._computed_tokens = 0
@@ -240,6 +246,7 @@ class HiRadixCache(HostTier, StoragePrefetch, BasePrefixCache):
             self.storage.reset()
         if self.slab is not None:
             self.slab.clear()
+        self.resets += 1
         self._empty_indices = torch.empty((0,), dtype=torch.int64, device=self.device)
 
     def _empty_match(self) -> MatchResult:
