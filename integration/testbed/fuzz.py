@@ -149,8 +149,9 @@ def draw_case(seed: int, *, small: bool = False, **force: Any) -> Case:
     longest = drawn["system_tokens"] + drawn["turns"] * (
         drawn["user_tokens"][1] + drawn["new_tokens"]
     )
-    l1 = max(int((longest + page) * l1_factor), 1024)
-    drawn["l1_tokens"] = l1 + (-l1 % max(page, 64))
+    if "l1_tokens" not in force:
+        l1 = max(int((longest + page) * l1_factor), 1024)
+        drawn["l1_tokens"] = l1 + (-l1 % max(page, 64))
     return Case(**drawn)
 
 

@@ -1,7 +1,8 @@
 """Testbed only: make the configured L3 store answer slowly (a slow Redis, a cold disk).
 
 With ``HIRADIX_TESTBED_STORE_LATENCY_S=<seconds>`` in a server's environment, every store
-that hiradix builds in that process is wrapped in
+that hiradix builds in that process (in the TP ranks listed in
+``HIRADIX_TESTBED_STORE_LATENCY_RANKS``, when set) is wrapped in
 :class:`~hiradix.backends.faults.FaultyStore`, which adds that many seconds to every
 store call (lookups, reads and writes). ``benchmarks/bench_multiturn.py`` uses it for its
 ``hiradix_slow`` server, which shows the cost model at work: hiradix measures the store
@@ -24,6 +25,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 ENV = "HIRADIX_TESTBED_STORE_LATENCY_S"
+RANKS_ENV = "HIRADIX_TESTBED_STORE_LATENCY_RANKS"  # optional: only these TP ranks are slow
 
 _registered = False
 
@@ -43,6 +45,20 @@ def latency_from_env() -> float | None:
     return value
 
 
+def _this_rank_is_slow() -> bool:
+    """With ``HIRADIX_TESTBED_STORE_LATENCY_RANKS=1,3`` only those TP ranks are slow."""
+    ranks = os.environ.get(RANKS_ENV, "").strip()
+    if not ranks:
+        return True
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        rank = int(get_parallel().tp_rank)
+    except Exception:  # noqa: BLE001 - no parallel context: a single rank, rank 0
+        rank = 0
+    return str(rank) in {r.strip() for r in ranks.split(",")}
+
+
 def register() -> None:
     """Entry point (every process of a testbed server): wrap the store factory if asked."""
     global _registered
@@ -56,7 +72,9 @@ def register() -> None:
 
     def create_slow_store(store_config: Any, *, clock: Callable[[], float] = time.time) -> Any:
         store = create(store_config, clock=clock)
-        return None if store is None else FaultyStore(store, latency_s=latency)
+        if store is None or not _this_rank_is_slow():
+            return store
+        return FaultyStore(store, latency_s=latency)
 
     registry.create_store = create_slow_store
     _registered = True
