@@ -149,6 +149,9 @@ class StorageTier:
         self.queued: Callable[[], int] = lambda: 0
         #: verify mode (:mod:`hiradix.verify`): digests of the pages written, checked on read
         self.verifier: Any = None
+        #: the tree may hold KV of other weights (an update the cache was not flushed
+        #: with): nothing is read from or written to the store until ``reset``
+        self.suspended = False
 
     def others_queued(self) -> bool:
         return self.queued() > 1
@@ -184,6 +187,8 @@ class StorageTier:
         host memory now (ancestors' blocks were written when they were demoted). What is
         written and pinned depends only on agreed state (the tree, ``_written``); whether
         the store is up is the worker's business (the circuit breaker is asked there)."""
+        if self.suspended:
+            return
         path = self.tree.path(last)
         if not path:
             return
@@ -313,7 +318,7 @@ class StorageTier:
         self.forget(request_id)
         blocks = len(tokens) // self.block
         start = local_len // self.block
-        if start >= blocks:
+        if start >= blocks or self.suspended:
             return False
         keys = self.block_keys(namespace, tokens, blocks)
         state = Prefetch(namespace, tokens[: blocks * self.block], start, self.clock())
@@ -527,9 +532,26 @@ class StorageTier:
                 self._absent.pop(next(iter(self._absent)), None)
 
     def reset(self) -> None:
+        """The tree was reset (SGLang's flush): lookups in flight are dropped; what the
+        store holds for this identity stays valid (``_written`` is kept)."""
         for request_id in list(self.prefetches):
             self.forget(request_id)
         self._absent.clear()
+        self.suspended = False  # the tree holds no KV of other weights any more
+
+    def new_epoch(self, model_id: str, *, suspend: bool) -> None:
+        """New weights: pages are keyed under ``model_id`` from now on, so pages of the
+        old weights are never read again (the store expires and evicts them); what was
+        written, found absent or looked up under the old identity is forgotten.
+        ``suspend``: the tree still holds the old weights' KV, so nothing is read or
+        written until ``reset``."""
+        for request_id in list(self.prefetches):
+            self.forget(request_id)
+        self.model_id = model_id
+        self._ns_digests.clear()
+        self._written.clear()
+        self._absent.clear()
+        self.suspended = self.suspended or suspend
 
 
 def _run_start(rows: torch.Tensor) -> int | None:

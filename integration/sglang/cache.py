@@ -144,6 +144,7 @@ class HiRadixCache(HostTier, StoragePrefetch, BasePrefixCache):
         self.identity = model_id if isinstance(model_id, ModelIdentity) else None
         self.model_id = model_id.key() if isinstance(model_id, ModelIdentity) else model_id
         self.resets = 0  # times the tree was reset (flush_cache): read by the epoch hooks
+        self.weights_epoch = 0  # weight updates seen since start
         self.storage: StorageTier | None = None
         if self.slab is not None and config.store.kind.value != "none":
             self._init_store(self.model_id)
@@ -248,6 +249,36 @@ class HiRadixCache(HostTier, StoragePrefetch, BasePrefixCache):
             self.slab.clear()
         self.resets += 1
         self._empty_indices = torch.empty((0,), dtype=torch.int64, device=self.device)
+
+    def new_weights_epoch(
+        self, weights: str, weight_version: str, *, stale: bool, why: str = "weights changed"
+    ) -> None:
+        """The weights changed (``weight_epochs.py`` calls this on every TP rank at the same
+        point of the request stream): the page namespace takes the new ``weights`` and
+        ``weight_version``, so L3 pages of the old weights are never read again, and what
+        was written or found absent is forgotten. ``stale``: the tree was not reset with
+        the update (SGLang's flush refused or skipped) and still holds the old weights'
+        KV; L3 is then neither read nor written until the next ``reset``."""
+        if self.identity is not None:
+            self.identity = self.identity.with_weights(weights, weight_version)
+            self.model_id = self.identity.key()
+        else:
+            base = self.model_id.split("#weights=", 1)[0]
+            self.model_id = f"{base}#weights={weights}/version={weight_version}"
+        if self.verifier is not None:
+            self.verifier.forget()  # old digests describe another model
+        if self.storage is not None:
+            self.storage.new_epoch(self.model_id, suspend=stale)
+        self.weights_epoch += 1
+        logger.log(
+            logging.WARNING if stale else logging.INFO,
+            "hiradix: weights epoch %d after %s: weights %s, version %s%s",
+            self.weights_epoch,
+            why,
+            weights,
+            weight_version,
+            "; the cache was not flushed: L3 is off until the next flush_cache" if stale else "",
+        )
 
     def _empty_match(self) -> MatchResult:
         root = self.tree.root

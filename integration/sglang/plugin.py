@@ -7,6 +7,8 @@ registration made at run time in a parent would be lost). The flags ride on two 
 ``ServerArgs.add_cli_args`` (AFTER: add them to the parser) and ``ServerArgs.from_cli_args``
 (BEFORE: map ``--enable-hiradix`` onto ``--radix-cache-backend hiradix`` and check the
 config file once, in the launcher, so that a bad config fails before any process starts).
+AROUND hooks on the scheduler's weight-update handlers move the cache to a new weights
+epoch (``weight_epochs.py``).
 The config path reaches the scheduler processes through ``HIRADIX_CONFIG`` in the
 environment, which spawned children inherit.
 """
@@ -49,6 +51,10 @@ def register() -> None:
     HookRegistry.register(FROM_CLI_ARGS, _map_cli_args, HookType.BEFORE)
     HookRegistry.register(SCHEDULER_INIT, _after_scheduler_init, HookType.AFTER)
     HookRegistry.register(SCHEDULER_STEP, _after_hicache_events, HookType.AFTER)
+    from hiradix.integration.sglang.weight_epochs import HOOKS
+
+    for target, hook in HOOKS.items():  # weight updates start a new weights epoch
+        HookRegistry.register(target, hook, HookType.AROUND)
     _registered = True
 
 
@@ -56,7 +62,9 @@ def _check_hook_targets() -> None:
     """The hooks name SGLang internals: fail loudly if this SGLang moved them."""
     import pkgutil
 
-    for target in (ADD_CLI_ARGS, FROM_CLI_ARGS, SCHEDULER_INIT, SCHEDULER_STEP):
+    from hiradix.integration.sglang.weight_epochs import HOOKS
+
+    for target in (ADD_CLI_ARGS, FROM_CLI_ARGS, SCHEDULER_INIT, SCHEDULER_STEP, *HOOKS):
         try:
             pkgutil.resolve_name(target)
         except (ImportError, AttributeError) as exc:
