@@ -1,0 +1,77 @@
+"""TP=2 under faults (issue 14): a real SGLang server at ``--tp-size 2`` with hiradix on a
+Redis L3, 8 clients, aborted requests, a store that is slow on rank 1 only, and the
+Redis server killed mid-run and restarted. Every answer must equal a TP=2 server with
+SGLang's default cache; no request may hang; the consensus checker and verify mode are on
+(a disagreement or a wrong page stops the scheduler and fails the test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hiradix.integration.testbed.fuzz import (
+    BAD_LOG_LINES,
+    baseline_for,
+    baselines,
+    build_workload,
+    draw_case,
+    send_wave,
+)
+from hiradix.integration.testbed.redis_servers import RedisServer
+from hiradix.integration.testbed.sglang_server import SGLangServer
+
+pytestmark = pytest.mark.e2e
+
+
+def test_tp2_slow_rank_and_redis_outage_answer_like_sglang(tiny_model: Path, tmp_path: Path):
+    case = draw_case(
+        141, tp=2, store="redis", policy="pattern", wait="timeout", conversations=8, turns=4,
+        concurrency=8, abort_prob=0.1, system_tokens=256, user_tokens=(48, 160),
+        host_size=0.5, l1_tokens=1536, page_size=1, block_tokens=64, ttl_device=None, ttl_host=None,
+        ttl_store="24h", write_policy="write_through", branch_prob=0.2, new_tokens=8,
+    )  # fmt: skip
+    with baselines(tiny_model, tmp_path) as servers:
+        requests = build_workload(case, baseline_for(servers, tiny_model, case, tmp_path))
+    redis = RedisServer().start()
+    config = tmp_path / "hiradix.yaml"
+    config.write_text(case.config_yaml(tmp_path / "pages", redis.url))
+    env = {
+        "SGLANG_CPU_OMP_THREADS_BIND": "0|1",
+        "HIRADIX_VERIFY": "fatal",
+        "HIRADIX_CONSENSUS_CHECK": "1",
+        "HIRADIX_TESTBED_STORE_LATENCY_S": "0.03",
+        "HIRADIX_TESTBED_STORE_LATENCY_RANKS": "1",
+    }
+    server = SGLangServer(
+        tiny_model, extra_args=["--tp-size", "2", "--enable-hiradix", "--hiradix-config",
+                                str(config)],
+        env=env, log_path=tmp_path / "hiradix.log", max_total_tokens=case.l1_tokens,
+        name="hiradix-tp2",
+    )  # fmt: skip
+    answered = mismatched = 0
+    try:
+        server.start()
+        server.wait_ready(timeout=300)
+        for wave in range(case.turns):
+            if wave == 2:
+                redis.kill()  # outage in the middle of the run: L3 becomes misses
+            if wave == 3:
+                redis.restart()  # back, empty, on the same port
+            batch = [r for r in requests if r.wave == wave]
+            for req, res in zip(batch, send_wave(server, batch, case, abort=True), strict=True):
+                if res is None:
+                    continue
+                assert not isinstance(res, Exception), f"request {req.index} failed: {res!r}"
+                answered += 1
+                mismatched += res.output_ids != req.expected
+        metrics = server.hiradix_metrics()
+        log = server.log_text()
+    finally:
+        server.stop()
+        redis.stop()
+    assert answered >= len(requests) // 2
+    assert mismatched == 0, f"{mismatched} of {answered} answers differ from SGLang's"
+    assert metrics["l3_to_l2_tokens"] > 0, metrics  # the store served pages before the outage
+    assert metrics["verify_mismatches"] == 0
+    for bad in BAD_LOG_LINES:
+        assert bad not in log, f"{bad!r} in {server.log_path}"
