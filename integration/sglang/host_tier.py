@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from hiradix.backends.host_slab import HostSlab
+from hiradix.integration.sglang.pool_support import check_tierable
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from hiradix.kv_copy import LayerEvents, LayerLoadGate, make_copier
@@ -28,19 +29,26 @@ class HostTier:
     """Mixin of :class:`~hiradix.integration.sglang.cache.HiRadixCache`: the host tier."""
 
     def _init_host_tier(self, forward_stream: Any) -> None:
-        """Size and allocate the host slab from the config and the device pool's shape."""
+        """Size and allocate the host slab from the config and the device pool's shape.
+        A pool hiradix cannot tier exactly is refused here (``pool_support.py``: a
+        ``ValueError`` naming it), unless the config turns the host tier and the store off
+        (L1 only)."""
         kv = self.token_to_kv_pool_allocator.get_kvcache()
-        device_k = getattr(kv, "k_buffer", None)
-        device_v = getattr(kv, "v_buffer", None)
-        if not device_k or not device_v:
-            logger.warning(
-                "hiradix: host tier disabled: KV pool %s has no per-layer K/V buffers",
+        if not check_tierable(kv, self.config, is_eagle=self.is_eagle):
+            logger.info(
+                "hiradix: host tier and L3 store off in the config: L1 only (KV pool %s)",
                 type(kv).__name__,
             )
             return
+        device_k, device_v = kv.k_buffer, kv.v_buffer
         l1_bytes = sum(t.numel() * t.element_size() for t in (*device_k, *device_v))
         host_bytes = self.config.host.resolve_bytes(l1_bytes)
         if host_bytes <= 0:
+            logger.warning(
+                "hiradix: host.size is 0: no host tier, so no L3 store either (store.kind %s "
+                "is not used); L1 only",
+                self.config.store.kind.value,
+            )
             return
         per_token = l1_bytes // device_k[0].shape[0]
         slots = HostSlab.slots_for_bytes(host_bytes, per_token)
