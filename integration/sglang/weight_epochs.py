@@ -72,13 +72,17 @@ def _server_args(scheduler: Any) -> Any:
 
 
 def _epoch(
-    manager: Any, cache: Any, resets: int, weights: Callable[[], str] | None, why: str
+    manager: Any, cache: Any, resets: int, weights: Callable[[str], str] | None, why: str
 ) -> None:
+    """Move ``cache`` to a new epoch after a handler ran. ``weights(nonce)``: the new
+    weights field (default: the nonce). The nonce is agreed first, unconditionally, so
+    that every rank makes the same collective whatever its own files say."""
     from hiradix.integration.sglang.factory import current_weight_version
 
     scheduler = manager.scheduler
     flushed = cache.resets != resets  # the handler's flush_cache reset the tree
-    new_weights = weights() if weights is not None else f"nonce:{agreed_nonce(cache)}"
+    nonce = f"nonce:{agreed_nonce(cache)}"
+    new_weights = weights(nonce) if weights is not None else nonce
     cache.new_weights_epoch(
         new_weights,
         current_weight_version(_server_args(scheduler)),
@@ -94,11 +98,11 @@ def _from_disk(original: Callable[..., Any], manager: Any, recv_req: Any, *a: An
     resets = cache.resets
     result = original(manager, recv_req, *a, **k)
 
-    def fingerprint() -> str:
+    def fingerprint(nonce: str) -> str:
         from hiradix.integration.sglang.factory import weights_of
 
         if not getattr(result, "success", False):  # maybe half loaded: no known weights
-            return f"nonce:{agreed_nonce(cache)}"
+            return nonce
         args = _server_args(manager.scheduler)
         load_format = recv_req.load_format or getattr(args, "load_format", None) or "auto"
         download = getattr(args, "download_dir", None)
