@@ -42,7 +42,7 @@ from hiradix.codec import (
 from hiradix.cost_model import CostModel
 from hiradix.errors import CorruptPage, StoreUnavailable
 from hiradix.metrics import Stats
-from hiradix.transfer import IoResult, TransferEngine
+from hiradix.transfer import NOT_DONE, IoResult, TransferEngine
 from hiradix.tree import Node, RadixTree
 from hiradix.verify import digest
 
@@ -232,7 +232,7 @@ class StorageTier:
 
         def job() -> IoResult:
             if not self.breaker.allow():
-                return IoResult()
+                return NOT_DONE
             started = time.perf_counter()
             payload = []
             try:
@@ -252,14 +252,14 @@ class StorageTier:
             return IoResult(count, nbytes, time.perf_counter() - started)
 
         def done(result: IoResult | None, error: BaseException | None) -> None:
-            result = result or IoResult()
+            result = result or NOT_DONE
             self._queued_pages -= len(items)
             self._in_flight_keys.difference_update(written)
             for pin in pins:
                 self.tree.unpin_l2(pin)
             if error is not None:
                 self._failed(error)
-            stored = written[: result.count]  # agreed: stored by every rank
+            stored = written[: max(0, result.count)]  # agreed: stored by every rank
             for key in stored:
                 self._remember_written(key)
             if len(stored) < len(written) and error is None:
@@ -330,7 +330,7 @@ class StorageTier:
             started = time.monotonic()
             until = self._absent.get(wanted[0])
             if (until is not None and until > started) or not self.breaker.allow():
-                return IoResult()
+                return NOT_DONE
             try:
                 present = self.store.exists_many(store_keys)
             except StoreUnavailable:
@@ -346,12 +346,16 @@ class StorageTier:
             return IoResult(run, 0, ended - started)
 
         def exists_done(result: IoResult | None, error: BaseException | None) -> None:
-            result = result or IoResult()
+            result = result or NOT_DONE
             if error is not None:
                 self._failed(error)  # this rank's stats and log only
             if result.seconds:  # agreed values only: the cost model is the same on every rank
                 self.cost.observe_fetch(0, result.seconds)
-            run = result.count
+            run = max(0, result.count)
+            if 0 <= result.count < len(wanted):
+                # every rank looked and the store no longer has this page; if this server
+                # wrote it (since evicted or expired), the next write-through writes it again
+                self._written.pop(wanted[result.count], None)
             present_tokens = max(0, run * self.block - (local_len - start * self.block))
             # the policy hears every arrival, L3 hit or not
             take = (
@@ -397,7 +401,7 @@ class StorageTier:
 
         def job() -> IoResult:
             if not self.breaker.allow():
-                return IoResult()
+                return NOT_DONE
             started = time.perf_counter()
             buffers = getattr(self._scratch, "buffers", None)
             if buffers is None:
@@ -433,14 +437,14 @@ class StorageTier:
             return IoResult(ready, nbytes, time.perf_counter() - started, tuple(bad))
 
         def done(result: IoResult | None, error: BaseException | None) -> None:
-            result = result or IoResult()
+            result = result or NOT_DONE
             if error is not None:
                 self._failed(error)  # this rank's stats and log only
-            if result.count:  # agreed values only (see exists_done)
+            if result.count > 0:  # agreed values only (see exists_done)
                 self.cost.observe_fetch(result.nbytes, result.seconds)
             self.stats.add("l3_corrupt_pages", len(result.bad))
             self.stats.add("l3_get_bytes", result.nbytes)
-            state.ready = result.count  # agreed: pages every rank holds
+            state.ready = max(0, result.count)  # agreed: pages every rank holds
             self._finish(request_id, state)
 
         self.engine.submit_io(job, done)

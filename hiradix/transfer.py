@@ -40,13 +40,19 @@ IoDone = Callable[[Any, BaseException | None], None]
 class IoResult:
     """What a store job reports. With tensor parallelism each rank's job sees its own
     shard of the store, so the ranks agree on one result before anyone acts on it:
-    ``count`` (pages present / read / stored, from the start) and ``nbytes`` take the MIN
-    over ranks, ``seconds`` the MAX. ``bad`` stays this rank's own (for its stats)."""
+    ``count`` (pages present / read / stored, from the start; -1: no IO happened) and
+    ``nbytes`` take the MIN over ranks, ``seconds`` the MAX. ``bad`` stays this rank's own
+    (for its stats)."""
 
     count: int = 0
     nbytes: int = 0
     seconds: float = 0.0
     bad: tuple[str, ...] = ()
+
+
+#: what a store job reports when it did no IO (store down, known absent) or failed: -1
+#: pages, so that the MIN over ranks says "not looked" if any rank did not look
+NOT_DONE = IoResult(count=-1)
 
 
 class _IoOrder:

@@ -233,3 +233,34 @@ def test_refused_l3_writes_are_counted_and_written_again():
     storage.save_path(leaf)  # the next write-through of the path tries again
     settle()
     assert counters["l2_to_l3_tokens"] == 64 and len(storage._written) == 4
+
+
+def test_pages_the_store_lost_are_written_again():
+    """Issue 16 item 4: ``_written`` was never invalidated, so pages that Redis or the NVMe
+    store evicted or expired were never written again by a long-running server."""
+    from types import SimpleNamespace
+
+    cache, _, sched = make_cache({"kind": "memory", "block_tokens": 16})
+    storage = cache.storage
+    prompt = list(range(8000, 8064))
+
+    def settle() -> None:
+        for _ in range(10):
+            cache.flush_pending_backups()
+            cache.engine.drain()
+            cache.step()
+
+    sched.run(SimReq("a", prompt))
+    settle()
+    assert len(storage._written) == 4
+    keys = storage.block_keys((None, None), array("q", prompt), 4)
+    store_keys = [storage._store_key((None, None), k) for k in keys]
+    storage.store.delete_many(store_keys[1:])  # the store evicted three of them
+    handle = SimpleNamespace(rid="lookup", attempt_id=0)
+    assert cache.prefetch_from_storage(handle, None, prompt, matched_prefix_tokens=[])
+    settle()
+    assert keys[1] not in storage._written  # learned from the lookup: not there any more
+    leaf = cache.tree.match((None, None), array("q", prompt), touch=False).host_node
+    storage.save_path(leaf)
+    settle()
+    assert storage.store.exists_many(store_keys[1:2]) == [True]

@@ -23,7 +23,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hiradix.transfer import LANES, IoResult, TransferEngine
+from hiradix.transfer import LANES, NOT_DONE, IoResult, TransferEngine
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class AgreedStep:
             results = self.engine.peek_results(lane, count)
             for i in range(AGREED_IO):
                 if i < len(results):
-                    res = results[i][0] or IoResult()
+                    res = results[i][0] or NOT_DONE
                     vector += [res.count, res.nbytes, -int(res.seconds * 1e6)]
                 else:
                     vector += [NEUTRAL, NEUTRAL, NEUTRAL]
@@ -98,7 +98,7 @@ class AgreedStep:
             values: list[Any] = []
             for i in range(count):
                 n, nbytes, neg_us = agreed[offset + 3 * i : offset + 3 * i + 3]
-                own = mine[i][0] or IoResult()
+                own = mine[i][0] or NOT_DONE
                 values.append(IoResult(n, nbytes, -neg_us / 1e6, own.bad))
             self.engine.agree(lane, values)
             offset += 3 * AGREED_IO
