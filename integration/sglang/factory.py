@@ -216,7 +216,9 @@ def model_identity(ctx: Any) -> ModelIdentity:
             revision,
             getattr(sa, "download_dir", None),
         ),
-        weight_version=current_weight_version(sa),
+        # at build time the flag is the truth (a published serving context may belong to
+        # another engine in the same process); weight updates read the live one later
+        weight_version=str(getattr(sa, "weight_version", None) or "default"),
         quantization=f"{quant}/kv_scales={digest_file(getattr(sa, 'quantization_param_path', None))}",
         kv=kv_text,
         layout=layout,

@@ -262,7 +262,7 @@ class SGLangServer:
         logger.info("%s: pid %d port %d log %s", self.name, self.proc.pid, self.port, self.log_path)
         return self
 
-    def wait_ready(self, timeout: float = 180.0) -> float:
+    def wait_ready(self, timeout: float = 300.0) -> float:
         """Block until ``/health_generate`` answers 200; return seconds since ``start()``.
 
         Fails fast with the log tail if the process exits, and after ``timeout`` s.
