@@ -152,6 +152,10 @@ class StorageTier:
         #: the tree may hold KV of other weights (an update the cache was not flushed
         #: with): nothing is read from or written to the store until ``reset``
         self.suspended = False
+        #: replaced by another store (``store_admin.py``): jobs that have not started do
+        #: no IO (a miss, a dropped write); running ones finish against this store
+        self.retired = False
+        self.pending_jobs = 0  # submitted jobs whose completion is not applied yet
 
     def others_queued(self) -> bool:
         return self.queued() > 1
@@ -231,7 +235,7 @@ class StorageTier:
         self._in_flight_keys.update(written)
 
         def job() -> IoResult:
-            if not self.breaker.allow():
+            if self.retired or not self.breaker.allow():
                 return NOT_DONE
             started = time.perf_counter()
             payload = []
@@ -267,7 +271,17 @@ class StorageTier:
             self.stats.add("l2_to_l3_tokens", len(stored) * self.block)
             self.stats.add("l3_put_bytes", result.nbytes)
 
-        self.engine.submit_io(job, done, lane="write")
+        self._submit(job, done, lane="write")
+
+    def _submit(self, job: Callable[[], Any], done: Any, *, lane: str = "read") -> None:
+        """``engine.submit_io``, counting this store's jobs until they are applied."""
+        self.pending_jobs += 1
+
+        def applied(result: Any, error: BaseException | None) -> None:
+            self.pending_jobs -= 1
+            done(result, error)
+
+        self.engine.submit_io(job, applied, lane=lane)
 
     def _encode(self, page_slots: torch.Tensor, meta: PageMeta) -> bytes | memoryview:
         """One page of host rows, framed (worker thread; the rows are pinned). Uncompressed
@@ -329,7 +343,7 @@ class StorageTier:
         def exists_job() -> IoResult:
             started = time.monotonic()
             until = self._absent.get(wanted[0])
-            if (until is not None and until > started) or not self.breaker.allow():
+            if (until is not None and until > started) or self.retired or not self.breaker.allow():
                 return NOT_DONE
             try:
                 present = self.store.exists_many(store_keys)
@@ -376,7 +390,7 @@ class StorageTier:
                 return
             self._fetch(request_id, state, namespace, wanted[:pages], store_keys[:pages])
 
-        self.engine.submit_io(exists_job, exists_done)
+        self._submit(exists_job, exists_done)
         return True
 
     def _fetch(
@@ -389,7 +403,7 @@ class StorageTier:
     ) -> None:
         """Reserve host slots for the pages, then read, verify and copy them straight
         into those slots on a worker thread (store buffer -> slab rows: one copy)."""
-        slots = self._reserve_slots(len(keys))
+        slots = None if self.retired else self._reserve_slots(len(keys))
         if slots is None:
             self._finish(request_id, state)
             return
@@ -400,7 +414,7 @@ class StorageTier:
         rows = [slots[i * self.block : (i + 1) * self.block] for i in range(len(keys))]
 
         def job() -> IoResult:
-            if not self.breaker.allow():
+            if self.retired or not self.breaker.allow():
                 return NOT_DONE
             started = time.perf_counter()
             buffers = getattr(self._scratch, "buffers", None)
@@ -447,7 +461,7 @@ class StorageTier:
             state.ready = max(0, result.count)  # agreed: pages every rank holds
             self._finish(request_id, state)
 
-        self.engine.submit_io(job, done)
+        self._submit(job, done)
 
     def _reserve_slots(self, pages: int) -> torch.Tensor | None:
         """Host slots for up to ``pages`` pages (evicting host leaves if needed; fewer

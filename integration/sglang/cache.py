@@ -22,6 +22,7 @@ from hiradix.backends.host_slab import HostSlab
 from hiradix.integration.sglang.agreed_step import AgreedStep, check_enabled
 from hiradix.integration.sglang.host_tier import HostTier
 from hiradix.integration.sglang.prefetch import StoragePrefetch
+from hiradix.integration.sglang.store_admin import StoreAdmin
 from sglang.srt.mem_cache.base_prefix_cache import (
     BasePrefixCache,
     DecLockRefParams,
@@ -71,7 +72,7 @@ def ttl_rules(config: HiradixConfig) -> TtlRules:
     )
 
 
-class HiRadixCache(HostTier, StoragePrefetch, BasePrefixCache):
+class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, BasePrefixCache):
     """Prefix cache for SGLang whose tree spans device, host and store tiers."""
 
     sliding_window_size = None
@@ -146,6 +147,9 @@ class HiRadixCache(HostTier, StoragePrefetch, BasePrefixCache):
         self.resets = 0  # times the tree was reset (flush_cache): read by the epoch hooks
         self.weights_epoch = 0  # weight updates seen since start
         self.storage: StorageTier | None = None
+        self._store_ops = []  # attach/detach/clear requests, applied at the next step
+        self._retired_stores = []  # stores switched away from, until their jobs are applied
+        self._store_since = {}
         if self.slab is not None and config.store.kind.value != "none":
             self._init_store(self.model_id)
         self.policy = GuardedPolicy(create_policy(config.prefetch))
@@ -196,6 +200,8 @@ class HiRadixCache(HostTier, StoragePrefetch, BasePrefixCache):
                 digest=self._digest if multi and check_enabled() else None,
             )
         self.now = max(self.now, self._step.run())
+        if self._store_ops or self._retired_stores:
+            self.apply_store_ops()  # a store switch: every rank between the same two steps
         self._service()
 
     def _digest(self) -> list[tuple[str, int]]:

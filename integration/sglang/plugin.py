@@ -55,6 +55,10 @@ def register() -> None:
 
     for target, hook in HOOKS.items():  # weight updates start a new weights epoch
         HookRegistry.register(target, hook, HookType.AROUND)
+    from hiradix.integration.sglang.store_admin import HOOKS as STORE_HOOKS
+
+    for target, hook in STORE_HOOKS.items():  # SGLang's HiCache admin API switches L3 stores
+        HookRegistry.register(target, hook, HookType.AROUND)
     _registered = True
 
 
@@ -62,9 +66,11 @@ def _check_hook_targets() -> None:
     """The hooks name SGLang internals: fail loudly if this SGLang moved them."""
     import pkgutil
 
+    from hiradix.integration.sglang.store_admin import HOOKS as STORE_HOOKS
     from hiradix.integration.sglang.weight_epochs import HOOKS
 
-    for target in (ADD_CLI_ARGS, FROM_CLI_ARGS, SCHEDULER_INIT, SCHEDULER_STEP, *HOOKS):
+    targets = (ADD_CLI_ARGS, FROM_CLI_ARGS, SCHEDULER_INIT, SCHEDULER_STEP, *HOOKS, *STORE_HOOKS)
+    for target in targets:
         try:
             pkgutil.resolve_name(target)
         except (ImportError, AttributeError) as exc:

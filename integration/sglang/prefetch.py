@@ -53,14 +53,17 @@ class StoragePrefetch:
             return True
         return self.slab is not None and self.policy.name != "none"
 
-    def _init_store(self, model_id: str) -> None:
+    def _init_store(self, model_id: str, config: Any = None) -> None:
+        """Build ``self.storage`` for ``config``'s store (default: the cache's config; a
+        store attached at run time brings its own, ``store_admin.py``)."""
         from hiradix.backends.base import make_key
         from hiradix.backends.lazy import LazyStore
         from hiradix.backends.registry import create_store
 
         from hiradix.breaker import CircuitBreaker
 
-        store_cfg = self.config.store
+        config = self.config if config is None else config
+        store_cfg = config.store
         kind = store_cfg.kind.value
         rank, ranks = self.shard
         if kind == "nvme" and ranks > 1:  # a directory and a capacity share per rank
@@ -75,7 +78,7 @@ class StoragePrefetch:
             )
         prefix = store_cfg.redis.key_prefix if kind == "redis" else "hiradix:"
         store = LazyStore(lambda: create_store(store_cfg), f"{kind} store")
-        ttl = self.config.ttl.store
+        ttl = config.ttl.store
         assert self.slab is not None
         self.storage = StorageTier(
             store,
@@ -84,11 +87,11 @@ class StoragePrefetch:
             self.tree,
             stats=self.stats,
             model_id=model_id,
-            tenant=self.config.namespace,
+            tenant=config.namespace,
             make_key=lambda ns_hex, key_hex: make_key(prefix, ns_hex, key_hex),
             block_tokens=store_cfg.block_tokens,
-            codec=self.config.compression.codec.value,
-            level=self.config.compression.level,
+            codec=config.compression.codec.value,
+            level=config.compression.level,
             mac_key=store_cfg.mac_key(),
             ttl=ttl.seconds,
             sliding=ttl.mode.value == "sliding",

@@ -1,0 +1,332 @@
+"""Changing the L3 store of a running cache (issue 18), in-process: SGLang's real pools,
+hiradix's cache and real stores (NVMe files, a real redis-server). The requests go through
+the same calls SGLang's admin handlers make (``integration/sglang/store_admin.py``); the
+switch is applied at the next agreed step, with store jobs in flight."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import pytest
+from hiradix.backends.faults import FaultyStore
+from hiradix.backends.registry import create_store
+from hiradix.integration.sglang.cache import HiRadixCache
+from hiradix.integration.testbed.redis_servers import RedisServer
+from sglang_sim import Scheduler, SimReq, idle_total, make_pools
+from test_agreed_step import Collective, tree_state
+
+from hiradix.config import ConfigError, parse_config
+
+pytestmark = pytest.mark.usefixtures("sglang_context")
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    server = RedisServer()
+    server.start()
+    yield server.url
+    server.stop()
+
+
+def nvme(path) -> dict:
+    return {"kind": "nvme", "nvme": {"path": str(path), "size": "64MiB"}}
+
+
+def redis(url: str) -> dict:
+    return {"kind": "redis", "redis": {"url": url, "key_prefix": f"t{random.randrange(10**9)}:"}}
+
+
+def open_store(section: dict):
+    """The store a section names, opened directly (what ``hiradix store stats`` reads)."""
+    return create_store(parse_config({"store": section}).store)
+
+
+def pages(section: dict) -> int:
+    store = open_store(section)
+    try:
+        return store.stats().pages
+    finally:
+        store.close()
+
+
+def server(store: dict, *, host="4MiB", wait="wait_complete", block=16):
+    pools = make_pools(size=512)
+    config = parse_config(
+        {
+            "host": {"size": host},
+            "store": {**store, "block_tokens": block} if store["kind"] != "none" else store,
+            "prefetch": {"wait": wait},
+        }
+    )
+    cache = HiRadixCache(pools.params(1), config, model_id="test-model")
+    return cache, pools, Scheduler(cache, pools)
+
+
+def attach(cache: HiRadixCache, section: dict) -> tuple[bool, str]:
+    body = {"block_tokens": 16, **{k: v for k, v in section.items() if k != "kind"}}
+    return cache.admin_attach(section["kind"], json.dumps(body))
+
+
+def settle(cache: HiRadixCache) -> None:
+    for _ in range(3):
+        cache.flush_pending_backups()
+        cache.engine.drain()
+    cache.flush_pending_backups()
+
+
+def prompt(seed: int, n: int = 100) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(1000) for _ in range(n)]
+
+
+def assert_clean(cache: HiRadixCache, pools) -> None:
+    """No device slot leaked (SGLang's idle invariant), no host slot leaked."""
+    settle(cache)
+    assert idle_total(cache, pools) == pools.size
+    assert cache.slab.used_slots == cache.tree.l2_tokens
+    cache.tree.check_invariants()
+
+
+def test_attach_switches_at_the_next_step_and_new_pages_land_in_the_new_store(tmp_path, redis_url):
+    old, new = nvme(tmp_path / "a"), redis(redis_url)
+    cache, pools, sched = server(old)
+    first = prompt(1)
+    sched.run(SimReq("a", first))
+    settle(cache)
+    written_old = pages(old)
+    assert written_old >= 6
+
+    ok, message = attach(cache, new)
+    assert ok, message
+    assert "redis at" in message
+    # accepted, not applied: the switch waits for the agreed step
+    assert cache.config.store.kind.value == "nvme" and cache.store_status()["pending"] == ["attach"]
+    cache.step()
+    status = cache.store_status()
+    assert status["kind"] == "redis" and status["switches"] == 1 and not status["pending"]
+    assert status["breaker"] == "closed" and status["pages_known_written"] == 0
+
+    sched.run(SimReq("b", prompt(2)))
+    settle(cache)
+    assert pages(new) >= 6  # written after the switch: in the new store
+    assert pages(old) == written_old  # and not in the old one
+    assert cache.store_status()["since_attach"]["l2_to_l3_tokens"] >= 96
+    # what L1/L2 held before the switch still serves, with the right KV (verify_prefix)
+    assert sched.run(SimReq("c", first)) >= 96
+    assert_clean(cache, pools)
+
+
+BAD_REQUESTS = [
+    ("redis", {"redis": {"url": "http://127.0.0.1:6379"}}),
+    ("redis", {"colour": "blue"}),
+    ("file", {}),
+    ("nvme", {"nvme": {"size": "lots"}}),
+    ("memory", {"block_tokens": 0}),
+]
+
+
+@pytest.mark.parametrize(("kind", "section"), BAD_REQUESTS)
+def test_bad_attach_gets_the_config_files_message_and_changes_nothing(tmp_path, kind, section):
+    cache, _, sched = server(nvme(tmp_path / "a"))
+    with pytest.raises(ConfigError) as from_file:
+        parse_config({"store": {**section, "kind": kind}})
+    before = cache.storage
+    ok, message = cache.admin_attach(kind, json.dumps(section))
+    assert not ok
+    for line in from_file.value.errors:  # the same key, value and allowed values
+        assert line in message
+    cache.step()
+    assert cache.storage is before and cache.config.store.kind.value == "nvme"
+    assert cache.store_status()["switches"] == 0
+    sched.run(SimReq("a", prompt(3)))
+
+
+def test_requests_the_file_cannot_check_are_refused_too(tmp_path, monkeypatch):
+    cache, _, _ = server(nvme(tmp_path / "a"))
+    before = cache.storage
+    monkeypatch.delenv("HIRADIX_TEST_MAC", raising=False)
+    refusals = {
+        "not json": cache.admin_attach("memory", "{nope"),
+        "kind differs": cache.admin_attach("memory", json.dumps({"kind": "redis"})),
+        "a list": cache.admin_attach("memory", "[1, 2]"),
+        "mac key unset": cache.admin_attach("memory", json.dumps({"mac_key_env": "HIRADIX_TEST_MAC"})),
+    }  # fmt: skip
+    for why, (ok, message) in refusals.items():
+        assert not ok, why
+    assert "not valid JSON" in refusals["not json"][1]
+    assert "'store.kind'" in refusals["kind differs"][1]
+    assert "HIRADIX_TEST_MAC" in refusals["mac key unset"][1]
+    cache.step()
+    assert cache.storage is before
+    # a server without a host tier has nowhere to stage L3 pages
+    no_host, _, _ = server({"kind": "none"}, host=0)
+    ok, message = no_host.admin_attach("memory", "{}")
+    assert not ok and "host tier" in message
+
+
+def gated(cache: HiRadixCache, gate: threading.Event) -> FaultyStore:
+    """The cache's store, its every call held until ``gate`` is set (the shipped fault
+    injector, with a sleep that waits for the gate)."""
+    assert cache.storage is not None
+    store = FaultyStore(cache.storage.store, latency_s=1.0, sleep=lambda _: gate.wait(30))
+    cache.storage.store = store
+    return store
+
+
+def test_detach_and_attach_with_store_jobs_in_flight(tmp_path):
+    old, new = nvme(tmp_path / "a"), nvme(tmp_path / "b")
+    cache, pools, sched = server(old, wait="best_effort")
+    gate = threading.Event()
+    gated(cache, gate)
+    retired = cache.storage
+    prompts = [prompt(10 + i) for i in range(4)]
+    for i, ids in enumerate(prompts):  # lookups and write-throughs, held at the store
+        sched.run(SimReq(f"a{i}", ids))
+    for _ in range(3):
+        cache.flush_pending_backups()
+    assert retired.pending_jobs >= 3 and retired._queued_pages > 0
+    # a request waiting for its L3 lookup when the store goes away
+    waiting = SimReq("w", [*prompts[0], *prompt(99, 40)])
+    from types import SimpleNamespace
+
+    handle = SimpleNamespace(rid="w", attempt_id=0)
+    ids = waiting.full_untruncated_fill_ids
+    assert cache.prefetch_from_storage(handle, None, ids[100:], matched_prefix_tokens=ids[:100])
+
+    ok, _ = cache.admin_detach()
+    assert ok
+    cache.step()
+    assert cache.storage is None and retired.retired
+    assert cache.store_status()["retired_stores_with_jobs"] == 1
+    assert cache.check_prefetch_progress(handle)  # no store: admitted at once
+    sched.admit(waiting)  # served from L1/L2, KV checked
+    sched.release(waiting)
+
+    gate.set()  # running jobs finish against the old store; queued ones do no IO
+    deadline = time.monotonic() + 30
+    while cache.store_status()["retired_stores_with_jobs"]:
+        assert time.monotonic() < deadline, "the retired store's jobs never completed"
+        cache.step()
+        time.sleep(0.01)
+    assert retired.pending_jobs == 0 and retired._queued_pages == 0
+    assert pages(old) >= 1  # the writes that were running reached the old store
+    assert cache.stats.counters["l3_dropped_writes"] > 0  # the queued ones were dropped
+    assert_clean(cache, pools)
+
+    ok, message = attach(cache, new)
+    assert ok, message
+    cache.step()
+    sched.run(SimReq("b", prompt(20)))
+    settle(cache)
+    assert pages(new) >= 6
+    assert sched.run(SimReq("c", prompts[3])) >= 96
+    assert_clean(cache, pools)
+
+
+def test_clear_empties_the_store(tmp_path):
+    section = nvme(tmp_path / "a")
+    cache, pools, sched = server(section)
+    sched.run(SimReq("a", prompt(5)))
+    settle(cache)
+    written = pages(section)
+    assert written >= 6
+    ok, message = cache.admin_clear()
+    assert ok and "cleared" in message
+    assert pages(section) == written  # applied at the next step
+    cache.step()
+    settle(cache)
+    assert pages(section) == 0
+    status = cache.store_status()
+    assert status["cleared_pages"] == written and status["pages_known_written"] == 0
+    sched.run(SimReq("b", prompt(6)))  # the store keeps working
+    settle(cache)
+    assert pages(section) >= 6
+    assert_clean(cache, pools)
+    detached, _, _ = server({"kind": "none"})
+    ok, message = detached.admin_clear()
+    assert not ok and "no L3 store" in message
+
+
+def make_rank(rank: int, collective: Collective, tmp_path) -> tuple[HiRadixCache, Scheduler]:
+    pools = make_pools(size=384)
+    config = parse_config(
+        {
+            "host": {"size": "96KiB"},
+            "store": {"kind": "memory", "block_tokens": 16},
+            "prefetch": {"policy": "arrival", "wait": "timeout", "timeout": "20ms"},
+        }
+    )
+    cache = HiRadixCache(pools.params(1), config, model_id=f"test-model/tp{rank}of2")
+    cache._tp_size = lambda: 2  # type: ignore[method-assign]
+    cache.now = 0.0
+    cache._reduce_min = lambda vector: collective.reduce_min(rank, vector)  # type: ignore[method-assign]
+    return cache, Scheduler(cache, pools)
+
+
+def test_two_tp_ranks_switch_at_the_same_step(tmp_path):
+    rng = random.Random(18)
+    system = [rng.randrange(1000, 2000) for _ in range(48)]
+    prompts = [system + [rng.randrange(2000, 3000) for _ in range(rng.randrange(20, 90))]
+               for _ in range(8)]  # fmt: skip
+    collective = Collective(2)
+    ranks = [make_rank(r, collective, tmp_path) for r in range(2)]
+    # rank 1's store is slow and fails at random: its jobs are in flight at each switch
+    ranks[1][0].storage.store = FaultyStore(
+        ranks[1][0].storage.store, latency_s=0.01, error_rate=0.2, seed=5
+    )
+    # a condition only rank 1 sees (an unreadable file on its host, say)
+    refuse_once = threading.Event()
+
+    def rank_local_check(config):
+        if not refuse_once.is_set():
+            refuse_once.set()
+            raise ConfigError("rank-local problem")
+
+    ranks[1][0]._check_store_config = rank_local_check  # type: ignore[method-assign]
+    states: list[list] = [[], []]
+    switched_at: list[list[int]] = [[], []]
+    answers: list[list[bool]] = [[], []]
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        cache, sched = ranks[rank]
+        switch = cache._switch_store
+
+        def recording(config):
+            switched_at[rank].append(cache._step.steps)
+            switch(config)
+
+        cache._switch_store = recording  # type: ignore[method-assign]
+        try:
+            for i, ids in enumerate(prompts):
+                if i == 2:  # refused on rank 1 alone: refused on both
+                    answers[rank].append(cache.admin_attach("memory", '{"block_tokens": 32}')[0])
+                if i == 3:
+                    answers[rank].append(cache.admin_attach("memory", '{"block_tokens": 32}')[0])
+                if i == 5:
+                    answers[rank].append(cache.admin_detach()[0])
+                if i == 6:
+                    answers[rank].append(cache.admin_attach("memory", "{}")[0])
+                sched.run(SimReq(f"r{i}", ids))
+                cache.flush_pending_backups()
+                states[rank].append(tree_state(cache))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+            collective.barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert answers[0] == answers[1] == [False, True, True, True]
+    assert switched_at[0] == switched_at[1] and len(switched_at[0]) == 3
+    for step, (a, b) in enumerate(zip(*states, strict=True)):
+        assert a == b, f"the ranks' trees differ after request {step}"
+    for cache, _ in ranks:
+        assert cache.store_status()["block_tokens"] == 64
+        cache.tree.check_invariants()
