@@ -31,6 +31,7 @@ from typing import Any
 
 from hiradix import tree_inspect, tree_ttl
 from hiradix.policies.eviction import EvictionOrder, get_eviction_order
+from hiradix.tier_events import TierListener
 from hiradix.tree_nodes import (
     Clock,
     FreeCallback,
@@ -45,7 +46,7 @@ from hiradix.tree_nodes import (
     chain_page_keys,
     common_prefix_len,
 )
-from hiradix.types import PageKey
+from hiradix.types import PageKey, Tier
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class RadixTree:
         self.free_l2 = free_l2
         self.key_seed = key_seed
         self.expired_tokens = {"l1": 0, "l2": 0}
+        #: told when pages arrive in or leave a tier (KV events; ``tier_events.py``)
+        self.listener: TierListener | None = None
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -256,6 +259,8 @@ class RadixTree:
         self._update_leaf(node)
         if node.parent is not None:
             self._update_leaf(node.parent)
+        if self.listener is not None:
+            self.listener.arrived(node, Tier.L1)
 
     def attach_l1(self, node: Node, values: Any) -> None:
         """Give a host-only node device slots (load-back); its parent must be on device."""
@@ -447,6 +452,8 @@ class RadixTree:
             elif ok:
                 self._update_leaf(piece)
                 self._update_leaf(piece.parent)
+                if self.listener is not None:
+                    self.listener.arrived(piece, Tier.L2)
         if not ok:
             for piece in pieces:
                 if piece.parent is not None and piece.l2 is not None:
@@ -458,6 +465,8 @@ class RadixTree:
         node.l1 = None
         self.evictable_tokens -= size
         self.l1_leaves.discard(node)
+        if self.listener is not None:
+            self.listener.left(node, Tier.L1)
         self._after_drop(node)
         return size
 
@@ -484,6 +493,8 @@ class RadixTree:
         node.l2_ticket = None
         self.l2_tokens -= size
         self.l2_leaves.discard(node)
+        if self.listener is not None:  # (a failed copy's drop: never arrived, not counted)
+            self.listener.left(node, Tier.L2)
         self._after_drop(node)
         return size
 
@@ -515,6 +526,8 @@ class RadixTree:
         self.l2_tokens += len(child)
         self._update_leaf(child)
         self._update_leaf(node)
+        if self.listener is not None:
+            self.listener.arrived(child, Tier.L2)
         return n - pos, unused
 
     def attach_l2(self, node: Node, slots: Any, ticket: Ticket | None) -> None:
@@ -530,6 +543,8 @@ class RadixTree:
         self._update_leaf(node)
         if node.parent is not None:
             self._update_leaf(node.parent)
+        if ticket is None and self.listener is not None:  # else when the copy completes
+            self.listener.arrived(node, Tier.L2)
 
     def evict_host_copy(self, node: Node) -> None:
         """Drop the host copies of ``node`` and of its subtree (e.g. a copy that failed
@@ -565,6 +580,11 @@ class RadixTree:
     def _release_subtree(self, node: Node) -> None:
         for child in list(node.children.values()):
             self._release_subtree(child)
+        if self.listener is not None:  # while the node's path can still be read
+            if node.l2 is not None and node.l2_ready:
+                self.listener.left(node, Tier.L2)
+            if node.l1 is not None:
+                self.listener.left(node, Tier.L1)
         if node.l1 is not None:  # cannot happen while L1 is prefix-closed; be safe
             self.free_l1(node.l1)
             self.evictable_tokens -= len(node)
