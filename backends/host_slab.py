@@ -1,7 +1,9 @@
 """L2: a pre-allocated host buffer of page-sized slots with its own slot allocator.
 
-Layout: ``k`` and ``v`` are ``[layers, slots, heads, head_dim]`` tensors in the device
-pool's storage dtype, so a page copy is one index copy per layer. Memory is plain on a CPU
+Layout: ``buffers`` holds one ``[layers, slots, heads, head_dim]`` tensor per per-layer
+buffer of the device pool, in its storage dtype, so a page copy is one index copy per
+layer and buffer. An MHA pool has two (``k`` and ``v``); an MLA pool one (its latent
+``kv_buffer``: ``parts=1``, ``k`` holds it and ``v`` is ``None``). Memory is plain on a CPU
 engine and pinned when the device is CUDA (page-locked memory is what lets a copy run on a
 side stream without a staging buffer). Running out of slots returns ``None``: the tree
 then evicts host leaves or skips the demotion; it is never an exception.
@@ -64,20 +66,27 @@ class HostSlab:
         page_size: int = 1,
         pin_memory: bool = False,
         v_head_dim: int | None = None,
+        parts: int = 2,
     ):
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         num_slots -= num_slots % page_size
         if num_slots <= 0:
             raise ValueError(f"host tier too small: {num_slots} slots for page size {page_size}")
+        if parts not in (1, 2):
+            raise ValueError(f"parts must be 1 (MLA latent) or 2 (K and V), got {parts}")
         self.page_size = page_size
         self.num_slots = num_slots
         self.layers = layers
         shape = (layers, num_slots, heads, head_dim)
         v_shape = (layers, num_slots, heads, v_head_dim or head_dim)
         self.k = torch.empty(shape, dtype=dtype, pin_memory=pin_memory)
-        self.v = torch.empty(v_shape, dtype=dtype, pin_memory=pin_memory)
-        self.bytes_per_token = (self.k[:, 0].numel() + self.v[:, 0].numel()) * self.k.element_size()
+        self.v: torch.Tensor | None = None
+        if parts == 2:
+            self.v = torch.empty(v_shape, dtype=dtype, pin_memory=pin_memory)
+        #: the per-layer buffers of slot rows, in the device pool's order
+        self.buffers: tuple[torch.Tensor, ...] = (self.k,) if self.v is None else (self.k, self.v)
+        self.bytes_per_token = sum(b[:, 0].numel() for b in self.buffers) * self.k.element_size()
         self.clear()
         self.populated = threading.Event()  # set once the background fault-in has ended
         if pin_memory:
@@ -87,7 +96,7 @@ class HostSlab:
 
     def _populate(self) -> None:
         try:
-            populate([self.k, self.v])
+            populate(list(self.buffers))
         finally:
             self.populated.set()
 

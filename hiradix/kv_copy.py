@@ -12,8 +12,11 @@ Two twins with one interface:
   load-back so that attention on layer ``i`` waits only for layer ``i`` (SGLang's
   layer-transfer counter calls ``wait_until(i)``; see ``LayerEvents``).
 
-Both take plain tensors: ``device_k[layer]`` / ``device_v[layer]`` are
-``[slots, heads, dim]`` and the host slab's ``k`` / ``v`` are ``[layers, slots, heads, dim]``.
+Both take plain tensors: a list of per-layer buffers of slot rows per part of the pool's
+KV, ``device_k[layer]`` / ``device_v[layer]`` (``[slots, heads, dim]``), and the host slab
+whose ``buffers`` are ``[layers, slots, heads, dim]``, one per part in the same order. An
+MHA pool has two parts (K and V); an MLA pool one (its latent ``kv_buffer``, passed as
+``device_k`` with ``device_v`` empty).
 """
 
 from __future__ import annotations
@@ -69,26 +72,38 @@ class KvCopier(Protocol):
         reads them must wait on the returned handle (or on per-layer events)."""
 
 
+def _parts(
+    device_k: Sequence[torch.Tensor], device_v: Sequence[torch.Tensor] | None, host: Any
+) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """(device per-layer buffers, host ``[layers, slots, ...]`` buffer) per part of the KV."""
+    device = [list(device_k)] + ([list(device_v)] if device_v else [])
+    buffers = getattr(host, "buffers", None) or (host.k, host.v)
+    if len(buffers) != len(device):
+        raise ValueError(
+            f"the host slab has {len(buffers)} KV buffers, the device pool {len(device)}"
+        )
+    return list(zip(device, buffers, strict=True))
+
+
 class CpuKvCopier:
     """Synchronous plain-torch index copies (the twin CI exercises)."""
 
     def __init__(
-        self, device_k: Sequence[torch.Tensor], device_v: Sequence[torch.Tensor], host: Any
+        self, device_k: Sequence[torch.Tensor], device_v: Sequence[torch.Tensor] | None, host: Any
     ):
-        self.device_k = list(device_k)
-        self.device_v = list(device_v)
+        self.parts = _parts(device_k, device_v, host)
         self.host = host
 
     def device_to_host(self, device_idx: torch.Tensor, host_idx: torch.Tensor) -> CopyHandle:
-        for layer, (k, v) in enumerate(zip(self.device_k, self.device_v)):
-            self.host.k[layer].index_copy_(0, host_idx, k.index_select(0, device_idx))
-            self.host.v[layer].index_copy_(0, host_idx, v.index_select(0, device_idx))
+        for device, rows in self.parts:
+            for layer, buf in enumerate(device):
+                rows[layer].index_copy_(0, host_idx, buf.index_select(0, device_idx))
         return DONE
 
     def host_to_device(self, host_idx: torch.Tensor, device_idx: torch.Tensor) -> CopyHandle:
-        for layer, (k, v) in enumerate(zip(self.device_k, self.device_v)):
-            k.index_copy_(0, device_idx, self.host.k[layer].index_select(0, host_idx))
-            v.index_copy_(0, device_idx, self.host.v[layer].index_select(0, host_idx))
+        for device, rows in self.parts:
+            for layer, buf in enumerate(device):
+                buf.index_copy_(0, device_idx, rows[layer].index_select(0, host_idx))
         return DONE
 
 
@@ -107,19 +122,20 @@ class _StagedHandle:
     """A device-to-host copy through pinned staging rows, scattered into the slab once."""
 
     def __init__(
-        self, event: Any, host: Any, host_idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self,
+        event: Any,
+        host_idx: torch.Tensor,
+        staged: list[tuple[torch.Tensor, torch.Tensor]],
     ):
         self.event = event
-        self.host = host
         self.host_idx = host_idx
-        self.k: torch.Tensor | None = k
-        self.v: torch.Tensor | None = v
+        #: (host buffer, its staging rows) per part; emptied once scattered
+        self.staged = staged
 
     def _scatter(self) -> None:
-        if self.k is not None and self.v is not None:
-            self.host.k[:, self.host_idx] = self.k
-            self.host.v[:, self.host_idx] = self.v
-            self.k = self.v = None
+        for rows, staging in self.staged:
+            rows[:, self.host_idx] = staging
+        self.staged = []
 
     def done(self) -> bool:
         if not self.event.query():
@@ -181,15 +197,14 @@ class CudaKvCopier:
     def __init__(
         self,
         device_k: Sequence[torch.Tensor],
-        device_v: Sequence[torch.Tensor],
+        device_v: Sequence[torch.Tensor] | None,
         host: Any,
         *,
         forward_stream: Any | None = None,
     ):
-        self.device_k = list(device_k)
-        self.device_v = list(device_v)
+        self.parts = _parts(device_k, device_v, host)
         self.host = host
-        device = self.device_k[0].device
+        device = self.parts[0][0][0].device
         self.stream = torch.cuda.Stream(device=device)
         self.forward_stream = forward_stream or torch.cuda.current_stream(device)
 
@@ -199,7 +214,7 @@ class CudaKvCopier:
         being read) and the caller's current stream (under SGLang's overlap scheduler the
         index tensors are made on its schedule stream). The indices are recorded on the copy
         stream, so the caching allocator does not hand their memory out while it reads."""
-        device = self.device_k[0].device
+        device = self.parts[0][0][0].device
         device_idx = device_idx.to(device, non_blocking=True)
         self.stream.wait_stream(self.forward_stream)
         current = torch.cuda.current_stream(device)
@@ -214,33 +229,35 @@ class CudaKvCopier:
         if run is not None:  # straight into the pinned slab rows: no staging, no host scatter
             lo, hi = run
             with torch.cuda.stream(self.stream):
-                for layer, (k, v) in enumerate(zip(self.device_k, self.device_v)):
-                    self.host.k[layer][lo:hi].copy_(
-                        k.index_select(0, device_idx), non_blocking=True
-                    )
-                    self.host.v[layer][lo:hi].copy_(
-                        v.index_select(0, device_idx), non_blocking=True
-                    )
+                for layer in range(len(self.parts[0][0])):
+                    for device, rows in self.parts:
+                        rows[layer][lo:hi].copy_(
+                            device[layer].index_select(0, device_idx), non_blocking=True
+                        )
                 event = torch.cuda.Event()
                 event.record(self.stream)
             return _EventHandle(event)
         n = len(device_idx)
-        k0, v0 = self.device_k[0], self.device_v[0]
         # Gather on device, copy into pinned staging rows asynchronously; the slab rows are
         # scattered on the host once the event says the bytes have landed.
-        staging_k = torch.empty(
-            (len(self.device_k), n, *k0.shape[1:]), dtype=k0.dtype, pin_memory=True
-        )
-        staging_v = torch.empty(
-            (len(self.device_v), n, *v0.shape[1:]), dtype=v0.dtype, pin_memory=True
-        )
+        staged = [
+            (
+                rows,
+                torch.empty(
+                    (len(device), n, *device[0].shape[1:]), dtype=device[0].dtype, pin_memory=True
+                ),
+            )
+            for device, rows in self.parts
+        ]
         with torch.cuda.stream(self.stream):
-            for layer, (k, v) in enumerate(zip(self.device_k, self.device_v)):
-                staging_k[layer].copy_(k.index_select(0, device_idx), non_blocking=True)
-                staging_v[layer].copy_(v.index_select(0, device_idx), non_blocking=True)
+            for layer in range(len(self.parts[0][0])):
+                for (device, _), (_, staging) in zip(self.parts, staged, strict=True):
+                    staging[layer].copy_(
+                        device[layer].index_select(0, device_idx), non_blocking=True
+                    )
             event = torch.cuda.Event()
             event.record(self.stream)
-        return _StagedHandle(event, self.host, host_idx.cpu(), staging_k, staging_v)
+        return _StagedHandle(event, host_idx.cpu(), staged)
 
     def host_to_device(self, host_idx: torch.Tensor, device_idx: torch.Tensor) -> LayerEvents:
         device_idx = self._ordered(device_idx)
@@ -248,15 +265,14 @@ class CudaKvCopier:
         run = contiguous_range(host_cpu)
         events = []
         with torch.cuda.stream(self.stream):
-            for layer, (k, v) in enumerate(zip(self.device_k, self.device_v)):
-                if run is not None:  # pinned slab rows go straight to the device
-                    k_rows = self.host.k[layer][run[0] : run[1]]
-                    v_rows = self.host.v[layer][run[0] : run[1]]
-                else:
-                    k_rows = self.host.k[layer].index_select(0, host_cpu).pin_memory()
-                    v_rows = self.host.v[layer].index_select(0, host_cpu).pin_memory()
-                k.index_copy_(0, device_idx, k_rows.to(k.device, non_blocking=True))
-                v.index_copy_(0, device_idx, v_rows.to(v.device, non_blocking=True))
+            for layer in range(len(self.parts[0][0])):
+                for device, rows in self.parts:
+                    buf = device[layer]
+                    if run is not None:  # pinned slab rows go straight to the device
+                        src = rows[layer][run[0] : run[1]]
+                    else:
+                        src = rows[layer].index_select(0, host_cpu).pin_memory()
+                    buf.index_copy_(0, device_idx, src.to(buf.device, non_blocking=True))
                 event = torch.cuda.Event()
                 event.record(self.stream)
                 events.append(event)
@@ -264,9 +280,13 @@ class CudaKvCopier:
 
 
 def make_copier(
-    device_k: Sequence[torch.Tensor], device_v: Sequence[torch.Tensor], host: Any, **kw: Any
+    device_k: Sequence[torch.Tensor],
+    device_v: Sequence[torch.Tensor] | None,
+    host: Any,
+    **kw: Any,
 ) -> KvCopier:
-    """The twin that matches where the device buffers live."""
+    """The twin that matches where the device buffers live (``device_v`` empty or None for
+    a pool with one buffer per layer: MLA's latent ``kv_buffer`` is ``device_k``)."""
     if device_k and device_k[0].is_cuda:
         return CudaKvCopier(device_k, device_v, host, **kw)
     return CpuKvCopier(device_k, device_v, host)

@@ -48,7 +48,16 @@ from hiradix.verify import digest
 
 logger = logging.getLogger(__name__)
 
+#: the page layout recorded in each page's header, by the number of per-layer buffers of
+#: slot rows the pool has: MHA's K and V pages are ``(2, layers, block, heads, dim)``;
+#: MLA's latent pages ``(1, layers, block, 1, dim)``. A reader compares it (and the shape)
+#: with what it expects, so an MLA page is never read as MHA KV or the other way round.
 LAYOUT = "kv_layer_token_head_dim"
+MLA_LAYOUT = "mla_latent_layer_token_dim"
+LAYOUTS = {2: LAYOUT, 1: MLA_LAYOUT}
+#: what a rank that does not write replicated KV reports for a write: every page stored,
+#: and bytes no MIN can pick over the writer's own result
+_NOT_MINE = 1 << 62
 MAX_ABSENT = 65536  # "not in the store" answers remembered (presence_ttl each)
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _NP_INT_OF_SIZE = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
@@ -101,6 +110,7 @@ class StorageTier:
         write_queue_pages: int = 4096,
         breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.monotonic,
+        writer: bool = True,
     ):
         if block_tokens % tree.page_size:
             raise ValueError(
@@ -126,8 +136,15 @@ class StorageTier:
         self.write_queue_pages = write_queue_pages
         self.breaker = breaker or CircuitBreaker(clock=clock)
         self.clock = clock
+        #: whether this rank writes pages. Every rank writes its own shard of sharded KV
+        #: (MHA); of replicated KV (MLA, the same on every TP rank) one rank writes each
+        #: page and every rank reads (a non-writer's write job reports "all stored", so
+        #: the agreed count, a MIN, is the writer's: nobody counts on a refused write)
+        self.writer = writer
+        buffers = getattr(slab, "buffers", None) or (slab.k, slab.v)
+        self.layout = LAYOUTS[len(buffers)]
         self.dtype = _TORCH_DTYPES.get(slab.k.dtype, str(slab.k.dtype).replace("torch.", ""))
-        self.page_shape = (2, slab.k.shape[0], block_tokens, *slab.k.shape[2:])
+        self.page_shape = (len(buffers), slab.k.shape[0], block_tokens, *slab.k.shape[2:])
         self._written: OrderedDict[bytes, None] = OrderedDict()
         self._absent: dict[bytes, float] = {}
         self._queued_pages = 0
@@ -142,7 +159,8 @@ class StorageTier:
         itemsize = slab.k.element_size()
         as_int = _INT_OF_SIZE[itemsize]
         self._np_dtype = _NP_INT_OF_SIZE[itemsize]
-        self._slab_np = (slab.k.view(as_int).numpy(), slab.v.view(as_int).numpy())
+        self._buffers = tuple(buffers)
+        self._slab_np = tuple(b.view(as_int).numpy() for b in buffers)
         #: requests waiting to be scheduled, the one asking included (the adapter counts
         #: SGLang's waiting queue). With others queued, a fetch slower than recomputing
         #: still pays: its pages land while the server prefills the others.
@@ -180,7 +198,7 @@ class StorageTier:
         return keys
 
     def _meta(self, namespace: Hashable, key: bytes) -> PageMeta:
-        return PageMeta(self.dtype, LAYOUT, self.page_shape, self.ns_digest(namespace), key)
+        return PageMeta(self.dtype, self.layout, self.page_shape, self.ns_digest(namespace), key)
 
     def _store_key(self, namespace: Hashable, key: bytes) -> str:
         return self.make_key(self.ns_digest(namespace).hex(), key.hex())
@@ -235,6 +253,10 @@ class StorageTier:
         self._in_flight_keys.update(written)
 
         def job() -> IoResult:
+            if not self.writer:  # replicated KV: the writer rank stores it; the MIN is its
+                for key in written:
+                    self._absent.pop(key, None)
+                return IoResult(len(items), _NOT_MINE)
             if self.retired or not self.breaker.allow():
                 return NOT_DONE
             started = time.perf_counter()
@@ -269,7 +291,8 @@ class StorageTier:
             if len(stored) < len(written) and error is None:
                 self.stats.add("l3_dropped_writes", len(written) - len(stored))
             self.stats.add("l2_to_l3_tokens", len(stored) * self.block)
-            self.stats.add("l3_put_bytes", result.nbytes)
+            if self.writer:
+                self.stats.add("l3_put_bytes", result.nbytes)
 
         self._submit(job, done, lane="write")
 
@@ -287,19 +310,19 @@ class StorageTier:
         """One page of host rows, framed (worker thread; the rows are pinned). Uncompressed
         pages are copied straight from the slab into the frame: one copy, GIL released."""
         if self.codec_name != "none":
-            both = torch.stack((self.slab.k[:, page_slots], self.slab.v[:, page_slots]))
-            raw = both.view(torch.uint8).numpy()
+            parts = torch.stack(tuple(b[:, page_slots] for b in self._buffers))
+            raw = parts.view(torch.uint8).numpy()
             if self.verifier is not None:
                 self.verifier.record([meta.page_key], [digest(raw)])
             return encode_page(raw, meta, self.codec, self.level, mac_key=self.mac_key)
         frame, payload = raw_frame(meta, mac_key=self.mac_key)
-        halves = payload.view(self._np_dtype).reshape(self.page_shape)
+        parts = payload.view(self._np_dtype).reshape(self.page_shape)
         first = _run_start(page_slots)
-        for half, rows in zip(halves, self._slab_np, strict=True):
+        for part, rows in zip(parts, self._slab_np, strict=True):
             if first is not None:
-                np.copyto(half, rows[:, first : first + len(page_slots)])
+                np.copyto(part, rows[:, first : first + len(page_slots)])
             else:
-                np.take(rows, page_slots.numpy(), axis=1, out=half)
+                np.take(rows, page_slots.numpy(), axis=1, out=part)
         if self.verifier is not None:
             self.verifier.record([meta.page_key], [digest(payload)])
         return seal_raw_frame(frame, meta, mac_key=self.mac_key)
@@ -485,13 +508,12 @@ class StorageTier:
         this fetch, nobody else reads or writes them until it is materialized)."""
         page = np.frombuffer(raw, dtype=self._np_dtype).reshape(self.page_shape)
         first = _run_start(rows)
-        if first is not None:  # one ascending run: plain slices
-            self._slab_np[0][:, first : first + len(rows)] = page[0]
-            self._slab_np[1][:, first : first + len(rows)] = page[1]
-        else:
-            index = rows.numpy()
-            self._slab_np[0][:, index] = page[0]
-            self._slab_np[1][:, index] = page[1]
+        index = rows.numpy() if first is None else None
+        for part, slab_rows in zip(page, self._slab_np, strict=True):
+            if first is not None:  # one ascending run: plain slices
+                slab_rows[:, first : first + len(rows)] = part
+            else:
+                slab_rows[:, index] = part
 
     def _finish(self, request_id: str, state: Prefetch) -> None:
         state.done = True

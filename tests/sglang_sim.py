@@ -20,7 +20,7 @@ from sglang.srt.mem_cache.allocator.token import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams, MatchPrefixParams
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.common import release_kv_cache
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool, ReqToTokenPool
 from sglang.srt.mem_cache.radix_cache import RadixKey
 from sglang.srt.runtime_context import get_context
 
@@ -78,7 +78,7 @@ class SimReq:
 @dataclass
 class Pools:
     req_to_token: ReqToTokenPool
-    kv: MHATokenToKVPool
+    kv: MHATokenToKVPool | MLATokenToKVPool
     allocator: Any
     size: int
 
@@ -108,6 +108,36 @@ def make_pools(size: int = 512, page_size: int = 1, max_reqs: int = 16, ctx: int
         allocator = PagedTokenToKVPoolAllocator(
             size, page_size, torch.float32, "cpu", kv, need_sort=False
         )
+    req_to_token = ReqToTokenPool(max_reqs, ctx, "cpu", enable_memory_saver=False)
+    return Pools(req_to_token, kv, allocator, size)
+
+
+def make_mla_pools(
+    size: int = 512,
+    page_size: int = 1,
+    max_reqs: int = 16,
+    ctx: int = 2048,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    kv_lora_rank: int = 32,
+    qk_rope_head_dim: int = 8,
+    layer_num: int = 2,
+) -> Pools:
+    """SGLang's real ``MLATokenToKVPool`` (one latent ``kv_buffer`` per layer) on CPU."""
+    kv = MLATokenToKVPool(
+        size,
+        page_size=page_size,
+        dtype=dtype,
+        kv_lora_rank=kv_lora_rank,
+        qk_rope_head_dim=qk_rope_head_dim,
+        layer_num=layer_num,
+        device="cpu",
+        enable_memory_saver=False,
+    )
+    if page_size == 1:
+        allocator: Any = TokenToKVPoolAllocator(size, dtype, "cpu", kv, need_sort=False)
+    else:
+        allocator = PagedTokenToKVPoolAllocator(size, page_size, dtype, "cpu", kv, need_sort=False)
     req_to_token = ReqToTokenPool(max_reqs, ctx, "cpu", enable_memory_saver=False)
     return Pools(req_to_token, kv, allocator, size)
 
@@ -197,10 +227,7 @@ class Scheduler:
         full = list(req.origin_input_ids) + req.output_ids
         codes = prefix_code(full, req.extra_key or "")
         loc = row[req.prefix_len : total].to(torch.int64)
-        value = torch.tensor(codes[req.prefix_len : total], dtype=torch.float32)
-        for layer in range(self.pools.kv.layer_num):
-            self.pools.kv.k_buffer[layer][loc, 0, 0] = value
-            self.pools.kv.v_buffer[layer][loc, 0, 1] = value + layer
+        self.write_kv(loc, codes[req.prefix_len : total])
         req.kv.kv_committed_len = total
         self.cached_tokens.append(req.prefix_len)
 
@@ -211,11 +238,31 @@ class Scheduler:
         row = self.pools.req_to_token.req_to_token[req.kv.req_pool_idx]
         loc = row[: req.prefix_len].to(torch.int64)
         want = prefix_code(req.full_untruncated_fill_ids[: req.prefix_len], req.extra_key or "")
-        for layer in range(self.pools.kv.layer_num):
-            got_k = self.pools.kv.k_buffer[layer][loc, 0, 0].tolist()
-            got_v = self.pools.kv.v_buffer[layer][loc, 0, 1].tolist()
-            assert got_k == [float(w) for w in want], f"wrong K served for {req.rid}"
-            assert got_v == [float(w + layer) for w in want], f"wrong V served for {req.rid}"
+        self.check_kv(loc, want, req.rid)
+
+    def write_kv(self, loc: torch.Tensor, codes: list[int]) -> None:
+        """The 'forward': KV of slots ``loc`` from the prefix codes of their tokens."""
+        kv = self.pools.kv
+        value = torch.tensor(codes, dtype=torch.float32)
+        for layer in range(kv.layer_num):
+            if isinstance(kv, MLATokenToKVPool):  # one latent row per slot
+                kv.kv_buffer[layer][loc, 0, 0] = value.to(kv.kv_buffer[layer].dtype)
+                continue
+            kv.k_buffer[layer][loc, 0, 0] = value
+            kv.v_buffer[layer][loc, 0, 1] = value + layer
+
+    def check_kv(self, loc: torch.Tensor, want: list[int], rid: str) -> None:
+        kv = self.pools.kv
+        for layer in range(kv.layer_num):
+            if isinstance(kv, MLATokenToKVPool):
+                got = kv.kv_buffer[layer][loc, 0, 0]
+                expect = torch.tensor(want, dtype=torch.float32).to(got.dtype)
+                assert torch.equal(got, expect), f"wrong latent KV served for {rid}"
+                continue
+            got_k = kv.k_buffer[layer][loc, 0, 0].tolist()
+            got_v = kv.v_buffer[layer][loc, 0, 1].tolist()
+            assert got_k == [float(w) for w in want], f"wrong K served for {rid}"
+            assert got_v == [float(w + layer) for w in want], f"wrong V served for {rid}"
 
     def release(self, req: SimReq) -> None:
         release_kv_cache(req, self.cache, checkpoint=True)  # type: ignore[arg-type]

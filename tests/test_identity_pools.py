@@ -16,7 +16,7 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.memory_pool import (
     MHATokenToKVPool,
     MHATokenToKVPoolMXFP8,
-    MLATokenToKVPool,
+    MLATokenToKVPoolFP4,
     ReqToTokenPool,
 )
 from sglang_sim import Pools, Scheduler, SimReq, idle_total, prefix_code
@@ -53,17 +53,21 @@ def mha(dtype=torch.float32, size=64, cls=MHATokenToKVPool, **kw):
     )  # fmt: skip
 
 
-def test_mla_pool_is_refused_with_tiers_and_runs_l1_only_without():
-    kv = MLATokenToKVPool(
-        64, page_size=1, dtype=torch.bfloat16, kv_lora_rank=32, qk_rope_head_dim=8,
+def test_mla_kin_with_other_rows_is_refused_and_runs_l1_only_without():
+    """Plain MLATokenToKVPool is tiered (tests/test_mla_tiers.py); its FP4 kin (packed rows
+    and per-slot scales) is refused at start, naming the pool."""
+    kv = MLATokenToKVPoolFP4(
+        64, page_size=1, dtype=torch.float8_e4m3fn, kv_lora_rank=32, qk_rope_head_dim=8,
         layer_num=2, device="cpu", enable_memory_saver=False,
     )  # fmt: skip
-    with pytest.raises(ValueError, match=r"KV pool MLATokenToKVPool: it is an MLA pool") as err:
+    with pytest.raises(ValueError, match=r"KV pool MLATokenToKVPoolFP4: it is an MLA pool") as err:
         HiRadixCache(params(kv), parse_config(TIERED))
     message = str(err.value)
-    assert "MHATokenToKVPool-style" in message and "host.size: 0 and store.kind: none" in message
+    assert (
+        "MLATokenToKVPool (one latent" in message and "host.size: 0 and store.kind: none" in message
+    )
     store_only = {"host": {"size": 0}, "store": {"kind": "memory"}}
-    with pytest.raises(ValueError, match="MLATokenToKVPool"):
+    with pytest.raises(ValueError, match="MLATokenToKVPoolFP4"):
         HiRadixCache(params(kv), parse_config(store_only))
     cache = HiRadixCache(params(kv), parse_config(L1_ONLY))
     assert cache.slab is None and cache.storage is None

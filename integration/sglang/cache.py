@@ -87,6 +87,7 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, BasePrefixCache):
         metric_labels: dict[str, str] | None = None,
         model_id: str | ModelIdentity = "model",
         tp_group: Any = None,
+        tp_rank: int | None = None,
         shard: tuple[int, int] = (0, 1),
     ):
         self.disable = params.disable
@@ -108,6 +109,7 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, BasePrefixCache):
         verify = mode_from_env()
         self.verifier: PageVerifier | None = None if verify == "off" else PageVerifier(verify)
         self._device_kv: list[torch.Tensor] = []
+        self.kv_replicated = False  # the same KV on every TP rank (MLA): one rank writes L3
         self.exporter: PrometheusExporter | None = None
         if params.enable_metrics:
             self.init_metrics_collector()
@@ -139,6 +141,7 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, BasePrefixCache):
         self._l3_by_rid: dict[str, int] = {}
         self._l3_to_report: dict[str, int] = {}
         self.tp_group = tp_group
+        self.tp_rank = tp_rank  # this rank in ``tp_group`` (None: asked of the group)
         self.shard = shard  # (this rank among all TP x PP ranks, how many)
         #: what seeds the L3 page keys (``hiradix/identity.py``); a weight update moves it
         #: to a new weights epoch (``new_weights_epoch``)
@@ -171,6 +174,13 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, BasePrefixCache):
         if self.tp_group is None:
             return 1
         return torch.distributed.get_world_size(group=self.tp_group)
+
+    def _group_rank(self) -> int:
+        if self.tp_rank is not None:
+            return self.tp_rank
+        if self.tp_group is None:
+            return 0
+        return torch.distributed.get_rank(group=self.tp_group)
 
     def _reduce_min(self, values: list[int]) -> list[int]:
         tensor = torch.tensor(values, dtype=torch.int64)

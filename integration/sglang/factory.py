@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from hiradix.integration.sglang.cache import HiRadixCache
+from hiradix.integration.sglang.pool_support import replicated_kv
 
 from hiradix.identity import ModelIdentity, digest_file, snapshot_revision, weights_id
 
@@ -151,10 +152,12 @@ def numerics_of(server_args: Any, device: Any) -> str:
     return f"attn={backends}/sglang={sglang_version}/torch={torch.__version__}/{kind}"
 
 
-def shard_of(ctx: Any) -> str:
+def shard_of(ctx: Any, *, replicated: bool = False) -> str:
     """This process's shard of the model: TP rank, and PP stage / attention-parallel
-    ranks when they are in use (each holds other KV)."""
-    shard = f"tp{ctx.tp_rank}of{ctx.tp_size}"
+    ranks when they are in use (each holds other KV). ``replicated`` (MLA: every TP rank
+    holds the same KV): no TP, attention-TP or attention-DP rank, so every rank, and
+    servers of any TP size, read the same pages; ``tp*`` for replicated KV."""
+    shard = "tp*" if replicated else f"tp{ctx.tp_rank}of{ctx.tp_size}"
     pp_rank, pp_size = pipeline_stage()
     if pp_size > 1:  # each stage holds other layers' KV: its own pages
         shard += f"/pp{pp_rank}of{pp_size}"
@@ -165,7 +168,7 @@ def shard_of(ctx: Any) -> str:
         for name in ("attn_tp", "attn_cp", "attn_dp"):
             rank = getattr(parallel, f"{name}_rank", None)
             size = getattr(parallel, f"{name}_size", None)
-            if size is None:
+            if size is None or (replicated and name != "attn_cp"):
                 continue
             # attention TP narrower than TP (DP attention): heads are sharded by it
             sharded = int(size) != int(ctx.tp_size) if name == "attn_tp" else int(size) > 1
@@ -203,6 +206,7 @@ def model_identity(ctx: Any) -> ModelIdentity:
     if allocator is not None:
         kv = allocator.get_kvcache()
     kv_text, layout = kv_fields(kv, sa)
+    replicated = replicated_kv(kv)
     quant = getattr(mc, "quantization", None) or getattr(sa, "quantization", None) or "none"
     model_path = getattr(mc, "model_path", None) or getattr(sa, "model_path", None)
     revision = getattr(mc, "revision", None) or getattr(sa, "revision", None)
@@ -223,7 +227,7 @@ def model_identity(ctx: Any) -> ModelIdentity:
         kv=kv_text,
         layout=layout,
         page_size=int(getattr(ctx.params, "page_size", 1) or 1),
-        shard=shard_of(ctx),
+        shard=shard_of(ctx, replicated=replicated),
         numerics=numerics_of(sa, getattr(kv, "device", "cpu")),
     )
 
@@ -239,10 +243,14 @@ def pipeline_stage() -> tuple[int, int]:
         return 0, 1
 
 
-def store_shard(ctx: Any) -> tuple[int, int]:
+def store_shard(ctx: Any, *, replicated: bool = False) -> tuple[int, int]:
     """This rank's index among all TP x PP ranks, and their number (for per-rank store
-    directories and capacity shares)."""
+    directories and capacity shares). ``replicated`` (MLA): the PP stage and the number of
+    stages only, so every TP rank of a stage opens the same directory and reads the pages
+    its writer rank stored."""
     pp_rank, pp_size = pipeline_stage()
+    if replicated:
+        return pp_rank, pp_size
     tp_size = int(getattr(ctx, "tp_size", 1) or 1)
     return pp_rank * tp_size + int(getattr(ctx, "tp_rank", 0) or 0), tp_size * pp_size
 
@@ -250,6 +258,7 @@ def store_shard(ctx: Any) -> tuple[int, int]:
 def build_cache(ctx: Any, config: Any) -> HiRadixCache:
     runner = getattr(ctx.tp_worker, "model_runner", None)
     identity = model_identity(ctx)
+    kv = ctx.params.token_to_kv_pool_allocator.get_kvcache()
     cache = HiRadixCache(
         ctx.params,
         config,
@@ -257,7 +266,7 @@ def build_cache(ctx: Any, config: Any) -> HiRadixCache:
         metric_labels={"tp_rank": str(ctx.tp_rank)},
         model_id=identity,
         tp_group=getattr(ctx.params, "tp_cache_group", None),
-        shard=store_shard(ctx),
+        shard=store_shard(ctx, replicated=replicated_kv(kv)),
     )
     logger.info(
         "hiradix: tree ready (page_size=%d, eviction=%s, tp_rank=%d/%d, config=%s)",

@@ -11,7 +11,11 @@ from typing import Any
 
 import torch
 from hiradix.backends.host_slab import HostSlab
-from hiradix.integration.sglang.pool_support import check_tierable
+from hiradix.integration.sglang.pool_support import (
+    check_tierable,
+    device_buffers,
+    replicated_kv,
+)
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 
 from hiradix.kv_copy import LayerEvents, LayerLoadGate, make_copier
@@ -40,8 +44,10 @@ class HostTier:
                 type(kv).__name__,
             )
             return
-        device_k, device_v = kv.k_buffer, kv.v_buffer
-        l1_bytes = sum(t.numel() * t.element_size() for t in (*device_k, *device_v))
+        parts = device_buffers(kv)  # [k, v] (MHA) or [kv] (MLA's latent)
+        device_k, device_v = parts[0], parts[1] if len(parts) > 1 else []
+        self.kv_replicated = replicated_kv(kv)
+        l1_bytes = sum(t.numel() * t.element_size() for part in parts for t in part)
         host_bytes = self.config.host.resolve_bytes(l1_bytes)
         if host_bytes <= 0:
             logger.warning(
@@ -55,19 +61,20 @@ class HostTier:
         if slots < self.page_size:
             logger.warning("hiradix: host tier of %d bytes holds no page; disabled", host_bytes)
             return
-        k0, v0 = device_k[0], device_v[0]
+        k0 = device_k[0]
         self.slab = HostSlab(
             slots,
             layers=len(device_k),
             heads=k0.shape[1],
             head_dim=k0.shape[2],
-            v_head_dim=v0.shape[2],
+            v_head_dim=device_v[0].shape[2] if device_v else None,
             dtype=k0.dtype,
             page_size=self.page_size,
             pin_memory=k0.is_cuda,
+            parts=len(parts),
         )
         self.tree.free_l2 = self.slab.free
-        self._device_kv = [*device_k, *device_v]
+        self._device_kv = [t for part in parts for t in part]
         if k0.is_cuda and getattr(kv, "layer_transfer_counter", None) is None:
             self.load_gate = LayerLoadGate()
             kv.register_layer_transfer_counter(self.load_gate)
@@ -94,7 +101,8 @@ class HostTier:
 
     # ------------------------------------------------------------------ verify mode
     def _device_digests(self, device_idx: torch.Tensor) -> list[bytes]:
-        """Digest of each page's KV (every layer, K and V) at ``device_idx``."""
+        """Digest of each page's KV (every layer of every buffer: K and V, or MLA's
+        latent) at ``device_idx``."""
         n = len(device_idx)
         if n == 0 or not self._device_kv:
             return []

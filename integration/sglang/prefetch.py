@@ -66,7 +66,9 @@ class StoragePrefetch:
         store_cfg = config.store
         kind = store_cfg.kind.value
         rank, ranks = self.shard
-        if kind == "nvme" and ranks > 1:  # a directory and a capacity share per rank
+        # a directory and a capacity share per rank that holds other KV (the factory
+        # counts pipeline stages only for replicated KV: every TP rank reads the writer's)
+        if kind == "nvme" and ranks > 1:
             nvme = store_cfg.nvme
             store_cfg = dataclasses.replace(
                 store_cfg,
@@ -99,6 +101,8 @@ class StoragePrefetch:
             write_queue_pages=store_cfg.write_queue_pages,
             breaker=CircuitBreaker(),
             clock=self._agreed_now,
+            # replicated KV (MLA): rank 0 of the TP group writes, every rank reads
+            writer=not self.kv_replicated or self._group_rank() == 0,
         )
         self.storage.verifier = self.verifier
         self.storage.queued = lambda: len(self.waiting())
