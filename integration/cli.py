@@ -4,6 +4,7 @@
     hiradix config show-default      print the embedded default config file
     hiradix config reference         print the markdown reference of every config key
     hiradix store {stats,verify,gc} --config FILE [--delete] [--json]
+    hiradix store {attach --config FILE,detach,status,clear} --url URL   (a running server)
     hiradix demo [--config FILE] [demo options...]
     hiradix sim [simulator options...]
 
@@ -34,6 +35,8 @@ from hiradix.config import (
 logger = logging.getLogger(__name__)
 
 _STORE_MODULE = "hiradix.integration.store_cli"
+_STORE_ADMIN_MODULE = "hiradix.integration.store_admin_cli"
+_STORE_ADMIN_ACTIONS = ("attach", "detach", "status", "clear")  # against a running server
 _DEMO_MODULE = "hiradix.integration.sglang.demo"
 _SIM_MODULE = "hiradix.integration.sim_cli"
 _PASSTHROUGH = ("demo", "sim")  # subcommands whose own parser reads the remaining args
@@ -97,8 +100,13 @@ def _load_entry(module_name: str, command: str) -> Callable[..., int] | None:
     return entry
 
 
-def _store(args: argparse.Namespace) -> int:
-    entry = _load_entry(_STORE_MODULE, f"store {args.action}")
+def _store(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    admin = args.action in _STORE_ADMIN_ACTIONS
+    if admin and not args.url:
+        parser.error(f"store {args.action} needs --url (the server's HTTP address)")
+    if not admin and not args.config:
+        parser.error(f"store {args.action} needs --config FILE")
+    entry = _load_entry(_STORE_ADMIN_MODULE if admin else _STORE_MODULE, f"store {args.action}")
     if entry is None:
         return 2
     try:
@@ -131,12 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     reference = config_commands.add_parser("reference", help="print the key reference (md)")
     reference.set_defaults(handler=_config_reference)
 
-    store = commands.add_parser("store", help="inspect and maintain the L3 store")
-    store.add_argument("action", choices=("stats", "verify", "gc"))
-    store.add_argument("--config", required=True, metavar="FILE", help="hiradix config file")
+    store = commands.add_parser(
+        "store", help="inspect and maintain the L3 store; switch a running server's store"
+    )
+    store.add_argument("action", choices=("stats", "verify", "gc", *_STORE_ADMIN_ACTIONS))
+    store.add_argument("--config", metavar="FILE", help="hiradix config file (its store section)")
     store.add_argument("--delete", action="store_true", help="delete bad or expired pages")
     store.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    store.set_defaults(handler=_store)
+    store.add_argument("--url", metavar="URL", help="a running server (attach/detach/status/clear)")
+    store.add_argument(
+        "--admin-key-env",
+        metavar="NAME",
+        default="HIRADIX_ADMIN_KEY",
+        help="environment variable holding the server's --admin-api-key",
+    )
+    store.set_defaults(handler=lambda args: _store(args, store))
 
     commands.add_parser(
         "demo",
