@@ -186,8 +186,11 @@ class StoragePrefetch:
         """Arrival: look up in L3 what follows the request's local (L1 + L2) match."""
         if self.disable or (self.storage is None and self.slab is None):
             return False
-        tokens = array("q", matched_prefix_tokens)
-        tokens.extend(new_input_tokens)
+        raw = array("q", matched_prefix_tokens)
+        raw.extend(new_input_tokens)
+        # the tree's keys (EAGLE: bigrams), which L3 page keys hash too; SGLang's matched
+        # length is in the tree's units already
+        tokens = tree_tokens(raw, self.is_eagle)
         local = len(matched_prefix_tokens)
         namespace = (extra_key, cache_salt or None)
         rid = handle.rid
@@ -282,7 +285,7 @@ class StoragePrefetch:
             return
         self._announce("on_finish")
         namespace = (req.extra_key, req.cache_salt)
-        view = PathView(array("q", req.full_untruncated_fill_ids), namespace)
+        view = PathView(tree_tokens(req.full_untruncated_fill_ids, self.is_eagle), namespace)
         self.stats.add("policy_events")
         for plan in self.policy.on_finish(FinishEvent(self.now, req.rid, namespace, view)):
             self._execute(plan)
@@ -330,6 +333,20 @@ class StoragePrefetch:
 
     def pop_prefetch_loaded_tokens(self, handle: Any) -> int:
         return self._l3_to_report.pop(getattr(handle, "rid", None), 0)
+
+
+def pack_bigrams(raw: Any, n: int) -> array:
+    """EAGLE's bigram keys ``(raw[i], raw[i + 1])`` for ``i < n``, one int64 each."""
+    return array("q", ((raw[i] << 32) | (raw[i + 1] & 0xFFFFFFFF) for i in range(n)))
+
+
+def tree_tokens(raw: Any, is_eagle: bool) -> array:
+    """Raw token ids as the tree keys them (``HiRadixCache._tokens``, not page-aligned):
+    as they are, or with EAGLE one packed bigram per adjacent pair. L3 page keys hash these,
+    so a lookup finds what write-through stored."""
+    if not is_eagle:
+        return array("q", raw)
+    return pack_bigrams(raw, max(0, len(raw) - 1))
 
 
 def _is_prefix(plan_tokens: Any, tokens: array) -> bool:
