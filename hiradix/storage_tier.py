@@ -226,6 +226,7 @@ class StorageTier:
         namespace = last.namespace
         keys = self.block_keys(namespace, tokens, blocks)
         items = []
+        item_blocks: list[int] = []  # the store page index of each item (KV events)
         covered: dict[int, Node] = {}
         for b in range(blocks):
             key = keys[b]
@@ -240,6 +241,7 @@ class StorageTier:
             items.append(
                 (self._store_key(namespace, key), self._meta(namespace, key), page_slots, key)
             )
+            item_blocks.append(b)
             for _, n in covering:
                 covered[id(n)] = n
         if not items:
@@ -288,6 +290,8 @@ class StorageTier:
             stored = written[: max(0, result.count)]  # agreed: stored by every rank
             for key in stored:
                 self._remember_written(key)
+            if stored and self.tree.listener is not None:
+                self.tree.listener.l3_present(self, namespace, tokens, item_blocks[: len(stored)])
             if len(stored) < len(written) and error is None:
                 self.stats.add("l3_dropped_writes", len(written) - len(stored))
             self.stats.add("l2_to_l3_tokens", len(stored) * self.block)
@@ -389,10 +393,15 @@ class StorageTier:
             if result.seconds:  # agreed values only: the cost model is the same on every rank
                 self.cost.observe_fetch(0, result.seconds)
             run = max(0, result.count)
+            listener = self.tree.listener
+            if run and listener is not None:
+                listener.l3_present(self, namespace, tokens, range(start, start + run))
             if 0 <= result.count < len(wanted):
                 # every rank looked and the store no longer has this page; if this server
                 # wrote it (since evicted or expired), the next write-through writes it again
                 self._written.pop(wanted[result.count], None)
+                if listener is not None:
+                    listener.l3_absent(self, namespace, tokens, start + result.count)
             present_tokens = max(0, run * self.block - (local_len - start * self.block))
             # the policy hears every arrival, L3 hit or not
             take = (
@@ -482,6 +491,15 @@ class StorageTier:
             self.stats.add("l3_corrupt_pages", len(result.bad))
             self.stats.add("l3_get_bytes", result.nbytes)
             state.ready = max(0, result.count)  # agreed: pages every rank holds
+            listener = self.tree.listener
+            if listener is not None and result.count >= 0:  # read: a sliding TTL restarts
+                first = state.start_block
+                if result.count:
+                    listener.l3_present(
+                        self, namespace, state.tokens, range(first, first + result.count)
+                    )
+                if result.count < len(keys) and error is None:  # missing or corrupt
+                    listener.l3_absent(self, namespace, state.tokens, first + result.count)
             self._finish(request_id, state)
 
         self._submit(job, done)

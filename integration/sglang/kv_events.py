@@ -299,6 +299,11 @@ class TierEventLog:
         if removed:
             self.recorder.enqueue(BlockRemoved(block_hashes=removed, medium=self._l3_medium))
 
+    def store_cleared(self) -> None:
+        """The store is being emptied (an operator's clear): report its pages removed."""
+        self._is_current(None)
+        self._forget_l3(len(self._l3))
+
     def expire(self, now: float) -> None:
         """Report the L3 pages whose estimated expiry passed (oldest first: estimates are
         in order, each being the agreed clock plus the store's TTL)."""

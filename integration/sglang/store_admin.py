@@ -234,6 +234,9 @@ class StoreAdmin:
             return
         tier._written.clear()
         tier._absent.clear()
+        kv_log = getattr(self, "_kv_log", None)
+        if kv_log is not None:  # routers: this store's pages are gone (kv_events.py)
+            kv_log.store_cleared()
         store = tier.store
 
         def job() -> IoResult:
