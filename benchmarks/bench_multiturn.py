@@ -67,6 +67,17 @@ and written (``cpu_ms_per_request``)::
         --max-parallel 1 --request-rate 0 --no-calibrate --interleave --repeat 4 \
         --servers baseline baseline_b hiradix_nvme hiradix_redis --json benchmarks/results/multiturn_noreuse_repeat.json
 
+At TP=2 (``--tp 2``: every server, the baseline included, runs ``--tp-size 2`` with one
+rank per core; hiradix then agrees its IO once per scheduler step, a MIN all-reduce
+between the ranks, which the no-reuse run measures)::
+
+    .venv/bin/python benchmarks/bench_multiturn.py --tp 2 --servers baseline hiradix_nvme \
+        --json benchmarks/results/multiturn_tp2.json
+    .venv/bin/python benchmarks/bench_multiturn.py --tp 2 --no-reuse --num-rounds 2 \
+        --request-length 1536 --max-parallel 1 --request-rate 0 --no-calibrate --interleave \
+        --repeat 2 --servers baseline baseline_b hiradix_nvme \
+        --json benchmarks/results/multiturn_tp2_noreuse.json
+
 Not collected by pytest (STYLE.md item 12).
 """
 
@@ -100,7 +111,7 @@ from hiradix.integration.testbed.model_builder import (
     kv_bytes_per_token,
 )
 from hiradix.integration.testbed.redis_servers import RedisServer
-from hiradix.integration.testbed.sglang_server import SGLangServer
+from hiradix.integration.testbed.sglang_server import SGLangServer, free_port
 
 logger = logging.getLogger(__name__)
 
@@ -480,8 +491,15 @@ def serving(
             config_text = cfg.read_text()
             extra = ["--enable-hiradix", "--hiradix-config", str(cfg)]
         env = {} if args.attention == "sglang" else {cpu_attention.ENV: cpu_attention.MODE}
+        if args.tp > 1:  # one scheduler process per rank, each pinned to its own core
+            extra += ["--tp-size", str(args.tp)]
+            env["SGLANG_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(args.tp))
         if name == "hiradix_slow":
             env[slow_store.ENV] = str(args.slow_store_latency)
+        if args.kv_events:  # SGLang's KV events on (hiradix: every tier), PUB on loopback
+            endpoint = f"tcp://127.0.0.1:{free_port()}"
+            extra += ["--kv-events-config",
+                      json.dumps({"publisher": "zmq", "endpoint": endpoint, "bind": True})]  # fmt: skip
         server = SGLangServer(model, extra_args=extra + args.server_arg, log_path=tmp / f"{name}.log",
                               max_total_tokens=args.max_total_tokens, page_size=args.page_size,
                               name=name, env=env)  # fmt: skip
@@ -951,6 +969,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "servers and fresh prompts, and pool the requests (one server process can be "
                    "several percent faster or slower than another for its whole life)")  # fmt: skip
     p.add_argument("--keep-tmp", action="store_true", help="keep server logs and stores")
+    p.add_argument("--kv-events", action="store_true",
+                   help="every server publishes KV events (--kv-events-config, ZMQ PUB on a "
+                   "loopback port, nothing subscribed): compare a run with and without")  # fmt: skip
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size of every server (--tp-size; rank i on core i)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1)
     return p.parse_args(argv)
 

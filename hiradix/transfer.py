@@ -20,7 +20,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -172,6 +172,24 @@ class TransferEngine:
                 n += 1
             counts.append(n)
         return counts
+
+    def wait_ready(self, counts: Sequence[int], timeout: float = 300.0) -> None:
+        """Block until at least ``counts`` orders at the head of each queue are done (a
+        later pipeline stage catching up with the verdict of the first, which saw its own
+        copies finish). Raises ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            have = self.ready()
+            if all(h >= c for h, c in zip(have, counts, strict=True)):
+                return
+            if have[0] < counts[0] and have[0] < len(self._copies):
+                self._copies[have[0]][0].wait()
+                continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"hiradix: transfers {have} never reached {list(counts)}")
+            self._wakeup.clear()
+            if self.ready() == have:
+                self._wakeup.wait(0.05)
 
     def peek_results(self, lane: str, count: int) -> list[tuple[Any, BaseException | None]]:
         """Results of the first ``count`` finished orders of ``lane`` (not yet applied)."""

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from hiradix.backends.host_slab import HostSlab
-from hiradix.integration.sglang.agreed_step import AgreedStep, check_enabled
+from hiradix.integration.sglang.agreed_step import AgreedStep, check_enabled, relay_down
 from hiradix.integration.sglang.host_tier import HostTier
+from hiradix.integration.sglang.kv_events import KvEvents
 from hiradix.integration.sglang.prefetch import StoragePrefetch
 from hiradix.integration.sglang.store_admin import StoreAdmin
 from sglang.srt.mem_cache.base_prefix_cache import (
@@ -60,6 +61,13 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+PP_STORE_REFUSED = (
+    "hiradix: an L3 store is not supported with pipeline parallelism (--pp-size > 1): "
+    "the stages share the first stage's verdict on every IO completion, and a store lookup "
+    "can find a page on one stage and miss it on another. The host tier works with PP; "
+    "set store.kind: none in the hiradix config"
+)
+
 
 def ttl_rules(config: HiradixConfig) -> TtlRules:
     """The tree's TTL rules from the config's ``ttl`` section."""
@@ -72,7 +80,7 @@ def ttl_rules(config: HiradixConfig) -> TtlRules:
     )
 
 
-class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, BasePrefixCache):
+class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, KvEvents, BasePrefixCache):
     """Prefix cache for SGLang whose tree spans device, host and store tiers."""
 
     sliding_window_size = None
@@ -89,6 +97,7 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, BasePrefixCache):
         tp_group: Any = None,
         tp_rank: int | None = None,
         shard: tuple[int, int] = (0, 1),
+        pp_group: Any = None,
     ):
         self.disable = params.disable
         self.req_to_token_pool = params.req_to_token_pool
@@ -121,6 +130,7 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, BasePrefixCache):
             clock=self._agreed_now,
             free_l1=self._free_device,
         )
+        self._init_kv_events(params)  # SGLang's KV events, every tier (kv_events.py)
         self.write_policy = config.write_policy.value
         self.forward_stream = forward_stream
         self.slab: HostSlab | None = None
@@ -143,6 +153,11 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, BasePrefixCache):
         self.tp_group = tp_group
         self.tp_rank = tp_rank  # this rank in ``tp_group`` (None: asked of the group)
         self.shard = shard  # (this rank among all TP x PP ranks, how many)
+        # pipeline stages: the first stage's verdict is relayed down (``_pp_forward``)
+        self.pp_group = pp_group
+        self.pp_rank = int(getattr(params, "pp_rank", 0) or 0)
+        self.pp_size = int(getattr(params, "pp_size", 1) or 1)
+        self._pp_sends: list[Any] = []
         #: what seeds the L3 page keys (``hiradix/identity.py``); a weight update moves it
         #: to a new weights epoch (``new_weights_epoch``)
         self.identity = model_id if isinstance(model_id, ModelIdentity) else None
@@ -154,6 +169,8 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, BasePrefixCache):
         self._retired_stores = []  # stores switched away from, until their jobs are applied
         self._store_since = {}
         if self.slab is not None and config.store.kind.value != "none":
+            if self.pp_size > 1:
+                raise ValueError(PP_STORE_REFUSED)
             self._init_store(self.model_id)
         self.policy = GuardedPolicy(create_policy(config.prefetch))
         self._last_tick = 0.0
@@ -162,7 +179,7 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, BasePrefixCache):
         self._plan_seq = 0
         self._announced: set[str] = set()
         self._step: AgreedStep | None = None
-        if self._tp_size() > 1:
+        if self._agreeing():
             # ranks were built at different moments: until the first step agrees on a
             # clock, every rank reads the same constant
             self.now = 0.0
@@ -187,6 +204,13 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, BasePrefixCache):
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MIN, group=self.tp_group)
         return tensor.tolist()
 
+    def _agreeing(self) -> bool:
+        """Whether other ranks (TP, or pipeline stages) must take the same decisions."""
+        return self._tp_size() > 1 or self.pp_size > 1
+
+    def _pp_forward(self, vector: list[int]) -> list[int]:
+        return relay_down(vector, self.pp_group, self.pp_rank, self.pp_size, self._pp_sends)
+
     def _agreed_now(self) -> float:
         return self.now
 
@@ -202,12 +226,15 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, BasePrefixCache):
         if self.disable:
             return
         if self._step is None:
-            multi = self._tp_size() > 1
+            multi = self._agreeing()
+            piped = self.pp_size > 1 and self.pp_group is not None
             self._step = AgreedStep(
                 self.engine,
                 self.clock,
-                self._reduce_min if multi else None,
+                self._reduce_min if self._tp_size() > 1 else None,
                 digest=self._digest if multi and check_enabled() else None,
+                forward=self._pp_forward if piped else None,
+                first_stage=self.pp_rank == 0 or not piped,
             )
         self.now = max(self.now, self._step.run())
         if self._store_ops or self._retired_stores:
@@ -254,6 +281,7 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, BasePrefixCache):
         Copies in flight finish first, so no slot is written after it is handed out again."""
         self.engine.drain()
         self.tree.reset()
+        self._kv_events_cleared()
         self._pending_demote = []
         self._pending_save = []
         self._loaded_by_rid = {}

@@ -266,6 +266,7 @@ def build_cache(ctx: Any, config: Any) -> HiRadixCache:
         metric_labels={"tp_rank": str(ctx.tp_rank)},
         model_id=identity,
         tp_group=getattr(ctx.params, "tp_cache_group", None),
+        pp_group=getattr(ctx.params, "pp_cache_group", None),
         shard=store_shard(ctx, replicated=replicated_kv(kv)),
     )
     logger.info(

@@ -54,7 +54,8 @@ def agreed_nonce(cache: Any) -> str:
     weights of an update hiradix cannot fingerprint are never shared with another server
     or a restart, and the ranks of this one agree."""
     value = secrets.randbits(62)
-    if cache._tp_size() > 1:  # every rank is in this handler now
+    if cache._tp_size() > 1:  # every TP rank is in this handler now (the pipeline stages
+        # need no nonce in common: with PP there is no store, and the rest is per stage)
         value = cache._reduce_min([value])[0]
     return f"{value:016x}"
 
