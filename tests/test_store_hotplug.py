@@ -330,3 +330,49 @@ def test_two_tp_ranks_switch_at_the_same_step(tmp_path):
     for cache, _ in ranks:
         assert cache.store_status()["block_tokens"] == 64
         cache.tree.check_invariants()
+
+
+def test_scheduler_hooks_answer_for_hiradix_and_pass_other_caches_through(tmp_path):
+    from types import SimpleNamespace
+
+    from hiradix.integration.sglang import store_admin
+    from sglang.srt.managers.io_struct import (
+        AttachHiCacheStorageReqInput,
+        ClearHiCacheReqInput,
+        DetachHiCacheStorageReqInput,
+        GetInternalStateReqOutput,
+    )
+
+    cache, _, _ = server({"kind": "none"})
+    scheduler = SimpleNamespace(tree_cache=cache, enable_hicache_storage=False, waiting_queue=[])
+
+    def sglang_handler(*args):
+        return "SGLang's own answer"
+
+    body = json.dumps({"nvme": {"path": str(tmp_path / "b")}, "block_tokens": 16})
+    request = AttachHiCacheStorageReqInput(
+        hicache_storage_backend="nvme", hicache_storage_backend_extra_config_json=body
+    )
+    out = store_admin._attach(sglang_handler, scheduler, request)
+    assert out.success, out.message
+    assert scheduler.enable_hicache_storage  # SGLang now calls the storage-prefetch hooks
+    cache.step()
+    state = store_admin._state(
+        lambda s: GetInternalStateReqOutput(internal_state={"x": 1}), scheduler
+    ).internal_state
+    assert state["x"] == 1 and state["hiradix_store"]["kind"] == "nvme"
+    refused = store_admin._attach(
+        sglang_handler,
+        scheduler,
+        AttachHiCacheStorageReqInput(
+            hicache_storage_backend="nvme", hicache_write_policy="write_back"
+        ),
+    )
+    assert not refused.success and "hicache_write_policy" in refused.message
+    assert store_admin._clear(sglang_handler, scheduler, ClearHiCacheReqInput()).success
+    assert store_admin._detach(sglang_handler, scheduler, DetachHiCacheStorageReqInput()).success
+    cache.step()
+    assert cache.storage is None and cache.store_status()["switches"] == 2
+    other = SimpleNamespace(tree_cache=object())
+    assert store_admin._attach(sglang_handler, other, request) == "SGLang's own answer"
+    assert store_admin._detach(sglang_handler, other, None) == "SGLang's own answer"

@@ -8,7 +8,8 @@ registration made at run time in a parent would be lost). The flags ride on two 
 (BEFORE: map ``--enable-hiradix`` onto ``--radix-cache-backend hiradix`` and check the
 config file once, in the launcher, so that a bad config fails before any process starts).
 AROUND hooks on the scheduler's weight-update handlers move the cache to a new weights
-epoch (``weight_epochs.py``).
+epoch (``weight_epochs.py``); AROUND hooks on its HiCache admin handlers switch the L3
+store of a running server (``store_admin.py``).
 The config path reaches the scheduler processes through ``HIRADIX_CONFIG`` in the
 environment, which spawned children inherit.
 """
