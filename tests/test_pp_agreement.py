@@ -153,3 +153,17 @@ def test_the_relay_over_a_real_process_group(tmp_path: Path):
     expected = [[step, 0, 7] for step in range(5)]
     for rank in range(3):
         assert eval(Path(tmp_path, f"{rank}.txt").read_text()) == expected, rank
+
+
+def test_attaching_a_store_with_pipeline_parallelism_is_refused(tmp_path: Path):
+    """The admin API (issue 18) refuses what start-up refuses, and changes nothing."""
+    import json
+
+    pools = make_pools(size=384)
+    params = dataclasses.replace(pools.params(1), pp_rank=0, pp_size=2)
+    config = parse_config({"host": {"size": "96KiB"}, "store": {"kind": "none"}})
+    cache = HiRadixCache(params, config, model_id="test-model")
+    ok, message = cache.admin_attach("nvme", json.dumps({"nvme": {"path": str(tmp_path)}}))
+    assert not ok and "pipeline parallelism" in message, message
+    cache.step()
+    assert cache.storage is None

@@ -133,6 +133,12 @@ class StoreAdmin:
             raise ConfigError("the radix cache is disabled (--disable-radix-cache)", source=SOURCE)
         if store.kind is StoreKind.NONE:
             return
+        if getattr(self, "pp_size", 1) > 1:
+            raise ConfigError(
+                f"store.kind {store.kind.value!r}: an L3 store is not supported with pipeline "
+                "parallelism (--pp-size > 1); allowed: none",
+                source=SOURCE,
+            )
         if self.slab is None:
             raise ConfigError(
                 f"store.kind {store.kind.value!r} needs hiradix's host tier, and this server "
