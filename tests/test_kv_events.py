@@ -4,6 +4,7 @@ splits, flush, and every tier (GPU, CPU_PINNED, DISK / EXTERNAL) with real store
 
 from __future__ import annotations
 
+import json
 import random
 from array import array
 
@@ -347,6 +348,35 @@ def test_expiry_and_store_loss_are_reported(tmp_path):
     assert len(replay.removed[DISK]) == 16
     assert len(replay.held[DISK]) == 64
     clock.t += 3601  # the store's TTL: nobody wrote or read them since
+    settle(cache, replay)
+    assert replay.held[DISK] == set()
+    assert idle_total(cache, pools) == pools.size
+
+
+def test_store_cleared_switched_or_detached_takes_its_blocks_back(tmp_path):
+    """An operator's clear, a switch to another store and a detach (``store_admin.py``):
+    the blocks reported for the old store are removed; the new store's are its own."""
+    store = {"kind": "nvme", "nvme": {"path": str(tmp_path / "a"), "size": "64MiB"}}
+    cache, pools, sched = tiered(store, size=512)
+    replay = Replay()
+    sched.run(SimReq("a", list(range(500, 564))))
+    settle(cache, replay)
+    assert len(replay.held[DISK]) == 64
+    assert cache.admin_clear()[0]
+    settle(cache, replay)
+    assert replay.held[DISK] == set() and len(replay.removed[DISK]) == 64
+
+    sched.run(SimReq("b", list(range(600, 664))))  # written to the cleared store
+    settle(cache, replay)
+    assert len(replay.held[DISK]) == 64
+    other = json.dumps({"nvme": {"path": str(tmp_path / "b"), "size": "64MiB"}})
+    assert cache.admin_attach("nvme", other)[0]
+    settle(cache, replay)
+    assert replay.held[DISK] == set()  # the first store is no longer read
+    sched.run(SimReq("c", list(range(700, 764))))
+    settle(cache, replay)
+    assert len(replay.held[DISK]) == 64  # the new store's pages
+    assert cache.admin_detach()[0]
     settle(cache, replay)
     assert replay.held[DISK] == set()
     assert idle_total(cache, pools) == pools.size
