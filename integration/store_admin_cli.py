@@ -5,7 +5,8 @@ server through SGLang's HiCache admin API (``integration/sglang/store_admin.py``
   here first, with the same messages as ``hiradix config check``; relative paths resolve
   against FILE's directory) becomes the server's store at its next scheduler step.
 * ``detach``: no L3 store from the next step on; L1 and L2 keep serving.
-* ``status``: the store in use per scheduler (data-parallel rank), its breaker and counters.
+* ``status``: the store in use per scheduler (data-parallel rank), its breaker and counters
+  (``GET /hicache/storage-backend``, which hiradix extends; else ``GET /server_info``).
 * ``clear``: delete every page of the store in use.
 
 The server must run with ``--admin-api-key``; the key is read from the environment
@@ -84,12 +85,14 @@ def _status(url: str, key: str | None, as_json: bool) -> int:
         print(f"error: GET {ENDPOINT}: HTTP {code}: {text.strip()}", file=sys.stderr)
         return 1
     server = json.loads(text)
-    code, text = call(url, "GET", "/server_info", key)
-    if code != 200:
-        print(f"error: GET /server_info: HTTP {code}: {text.strip()}", file=sys.stderr)
-        return 1
-    states = json.loads(text).get("internal_states") or []
-    schedulers = [state.get(STATUS_KEY) for state in states]
+    schedulers = server.pop(STATUS_KEY, None)
+    if schedulers is None:  # the GET without hiradix's addition: the schedulers' own view
+        code, text = call(url, "GET", "/server_info", key)
+        if code != 200:
+            print(f"error: GET /server_info: HTTP {code}: {text.strip()}", file=sys.stderr)
+            return 1
+        states = json.loads(text).get("internal_states") or []
+        schedulers = [state.get(STATUS_KEY) for state in states]
     if as_json:
         print(json.dumps({"server": server, "schedulers": schedulers}, indent=2))
     else:

@@ -167,6 +167,11 @@ def _run(model: Path, tmp: Path, capsys, monkeypatch, redis_url: str) -> None:
         clients.run(BATCHES[0], lambda: attach(redis_cfg))
         status = _status(capsys, url)
         assert status["kind"] == "redis" and status["switches"] == 1, status
+        code, text = _http(url, "GET", "/hicache/storage-backend", key=KEY)  # SGLang's GET
+        answer = json.loads(text)
+        assert code == 200 and answer["hicache_storage_backend"] == "redis", answer
+        (store,) = answer["hiradix_store"]
+        assert store["kind"] == "redis" and store["breaker"] == "closed", store
         _wait("pages in Redis", lambda: _pages(capsys, str(redis_cfg)) > 0)  # written after
 
         # 2. Redis -> none, mid-batch

@@ -376,3 +376,20 @@ def test_scheduler_hooks_answer_for_hiradix_and_pass_other_caches_through(tmp_pa
     other = SimpleNamespace(tree_cache=object())
     assert store_admin._attach(sglang_handler, other, request) == "SGLang's own answer"
     assert store_admin._detach(sglang_handler, other, None) == "SGLang's own answer"
+
+
+def test_cli_admin_actions_need_a_server_and_a_checked_config(tmp_path, capsys):
+    from hiradix.integration import cli
+    from hiradix.integration.testbed.sglang_server import free_port
+
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["store", "detach"])  # no --url
+    assert usage.value.code == 2 and "needs --url" in capsys.readouterr().err
+    nobody = f"http://127.0.0.1:{free_port()}"
+    assert cli.main(["store", "status", "--url", nobody]) == 2
+    assert "cannot reach" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("store: {kind: nvme, nvme: {size: lots}}\n")
+    assert cli.main(["store", "attach", "--url", nobody, "--config", str(bad)]) == 1
+    assert "config key 'store.nvme.size'" in capsys.readouterr().err  # checked before sending
+    assert cli.main(["store", "attach", "--url", nobody]) == 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 from typing import Any
 
@@ -57,9 +58,13 @@ def register() -> None:
     for target, hook in HOOKS.items():  # weight updates start a new weights epoch
         HookRegistry.register(target, hook, HookType.AROUND)
     from hiradix.integration.sglang.store_admin import HOOKS as STORE_HOOKS
+    from hiradix.integration.sglang.store_admin import HTTP_HOOKS
 
     for target, hook in STORE_HOOKS.items():  # SGLang's HiCache admin API switches L3 stores
         HookRegistry.register(target, hook, HookType.AROUND)
+    if multiprocessing.parent_process() is None:  # the launcher, where the HTTP server runs
+        for target, hook in HTTP_HOOKS.items():
+            HookRegistry.register(target, hook, HookType.BEFORE)
     _registered = True
 
 

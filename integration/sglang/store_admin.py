@@ -7,7 +7,9 @@ broadcast to every TP rank's scheduler and handled inside its request dispatch b
 ``clear_hicache_storage_wrapped``, which refuse unless HiCache is on and the server is
 fully idle. The hooks below (AROUND) take those requests when the tree cache is hiradix's,
 and ``Scheduler.get_internal_state`` (``GET /server_info``) gains a ``hiradix_store``
-entry: the store in use, its circuit breaker and its counters.
+entry: the store in use, its circuit breaker and its counters. In the launcher, the route
+of ``GET /hicache/storage-backend`` (SGLang's answer: the tokenizer's record of the last
+attach) is replaced by one that adds that entry per scheduler.
 
 hiradix needs no idle server. The handler only validates (the ``store:`` section is
 parsed by :func:`hiradix.config.parse_config`, as a config file is: same messages) and the
@@ -374,3 +376,55 @@ def _state(original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
 
 #: target -> AROUND hook (registered by ``plugin.register``)
 HOOKS = {ATTACH: _attach, DETACH: _detach, CLEAR: _clear, STATE: _state}
+
+
+# ---------------------------------------------------------------------- the HTTP server
+HTTP_LAUNCH = "sglang.srt.entrypoints.http_server.launch_server"
+STATUS_PATH = "/hicache/storage-backend"
+
+
+def _before_http_launch(*args: Any, **kwargs: Any) -> None:
+    """BEFORE ``launch_server`` (the launcher process): ``GET /hicache/storage-backend``
+    also reports each scheduler's store and its health (``hiradix_store``). SGLang's own
+    answer is the tokenizer's record of the last attach request; its route is replaced by
+    one that adds the schedulers' view (same path, same auth level). If this SGLang's app
+    looks different, the GET keeps SGLang's answer and ``/server_info`` still has it."""
+    try:
+        _wrap_status_route()
+    except Exception as exc:  # noqa: BLE001 - a cosmetic failure must not stop the server
+        logger.warning("hiradix: GET %s keeps SGLang's answer: %r", STATUS_PATH, exc)
+
+
+def _wrap_status_route() -> None:
+    from fastapi.routing import APIRoute
+    from sglang.srt.entrypoints import http_server
+
+    routes = http_server.app.router.routes
+    for index, route in enumerate(routes):
+        if isinstance(route, APIRoute) and route.path == STATUS_PATH and route.methods == {"GET"}:
+            break
+    else:
+        raise LookupError(f"no GET {STATUS_PATH} route")
+    original = route.endpoint
+
+    async def hicache_storage_backend_status() -> Any:
+        answer = await original()
+        if not isinstance(answer, dict):  # refused (no admin key configured): as SGLang
+            return answer
+        states = await http_server._global_state.tokenizer_manager.get_internal_state()
+        stores = [state.get(STATUS_KEY) for state in states]
+        if any(store is not None for store in stores):
+            answer[STATUS_KEY] = stores  # one per scheduler (data-parallel rank)
+        return answer
+
+    hicache_storage_backend_status.__doc__ = original.__doc__
+    level = getattr(original, "_auth_level", None)
+    if level is not None:
+        hicache_storage_backend_status._auth_level = level  # type: ignore[attr-defined]
+    routes[index] = APIRoute(
+        STATUS_PATH, hicache_storage_backend_status, methods=["GET"], name=route.name
+    )
+
+
+#: target -> BEFORE hook, registered in the launcher process only (it runs the HTTP server)
+HTTP_HOOKS = {HTTP_LAUNCH: _before_http_launch}
