@@ -180,55 +180,66 @@ class TierEventLog:
 
     def _emit_stored(
         self,
-        raw: Sequence[int],
+        blocks: list[int],
+        new: list[bool],
         parent: int | None,
         tokens: array,
         namespace: Hashable,
         medium: StorageMedium,
-        is_new: Callable[[int], bool],
     ) -> None:
-        """One ``BlockStored`` per page whose ``is_new(hash)`` says it is new to
-        ``medium`` (the recorder coalesces chained pages). ``raw``: the pages' hashes
-        before namespacing, ``tokens`` theirs, ``parent`` the preceding page's raw hash."""
+        """``BlockStored`` for the pages whose ``new`` flag says they are new to
+        ``medium``: one per run of consecutive new pages, which is what the recorder's
+        coalescing makes of SGLang's one event per page. ``blocks``: the pages' hashes,
+        ``tokens`` theirs, ``parent`` the hash of the page before the first."""
         extra_key, salt = _namespace_parts(namespace)
-        seed = self._event_seed(extra_key, salt)
         lora_name = self._lora_name(extra_key)
-        prev = None if parent is None else namespaced_block_hash(parent, namespace_seed=seed)
         size = self.page_size
-        for i, value in enumerate(raw):
-            block = namespaced_block_hash(value, namespace_seed=seed)
-            if is_new(block):
-                self.recorder.enqueue(
-                    BlockStored(
-                        block_hashes=[block],
-                        parent_block_hash=prev,
-                        token_ids=tokens[i * size : (i + 1) * size].tolist(),
-                        block_size=size,
-                        lora_id=None,
-                        medium=medium,
-                        cache_salt=salt,
-                        lora_name=lora_name,
-                    )
+        i, n = 0, len(blocks)
+        while i < n:
+            if not new[i]:
+                i += 1
+                continue
+            j = i + 1
+            while j < n and new[j]:
+                j += 1
+            self.recorder.enqueue(
+                BlockStored(
+                    block_hashes=blocks[i:j],
+                    parent_block_hash=blocks[i - 1] if i else parent,
+                    token_ids=tokens[i * size : j * size].tolist(),
+                    block_size=size,
+                    lora_id=None,
+                    medium=medium,
+                    cache_salt=salt,
+                    lora_name=lora_name,
                 )
-            prev = block
+            )
+            i = j
 
-    def _namespaced(self, raw: Sequence[int], namespace: Hashable) -> list[int]:
+    def _namespaced(self, raw: list[int], namespace: Hashable) -> list[int]:
+        """The published hashes of pages whose SGLang hashes are ``raw`` (``raw`` itself
+        when the namespace adds nothing; never modified)."""
         seed = self._event_seed(*_namespace_parts(namespace))
+        if seed is None:
+            return raw
         return [namespaced_block_hash(value, namespace_seed=seed) for value in raw]
 
     # ------------------------------------------------------------------ L1 and L2
     def arrived(self, node: Node, tier: Tier) -> None:
-        held = self._held[_TIER_MEDIUM[tier]]
-
-        def is_new(block: int) -> bool:
+        medium = _TIER_MEDIUM[tier]
+        held = self._held[medium]
+        blocks = self._namespaced(self._hashes(node).pages, node.namespace)
+        new = []
+        for block in blocks:
             count = held.get(block, 0)
             held[block] = count + 1
-            return count == 0
-
-        raw = self._hashes(node).pages
+            new.append(count == 0)
         parent = node.parent
-        parent_raw = self._hashes(parent).pages[-1] if parent is not None and len(parent) else None
-        self._emit_stored(raw, parent_raw, node.tokens, node.namespace, _TIER_MEDIUM[tier], is_new)
+        parent_block = None
+        if parent is not None and len(parent):
+            last = self._hashes(parent).pages[-1:]
+            parent_block = self._namespaced(last, node.namespace)[0]
+        self._emit_stored(blocks, new, parent_block, node.tokens, node.namespace, medium)
 
     def left(self, node: Node, tier: Tier) -> None:
         medium = _TIER_MEDIUM[tier]
@@ -272,19 +283,19 @@ class TierEventLog:
         ttl = getattr(source, "ttl", None)
         until = self.now() + ttl if ttl else float("inf")
         l3 = self._l3
-
-        def is_new(block: int) -> bool:
-            known = block in l3
-            l3[block] = until
-            l3.move_to_end(block)
-            return not known
-
+        published = self._namespaced(raw, namespace)
         size = self.page_size
         for b in wanted:
             lo, hi = b * per_block, (b + 1) * per_block
-            parent = raw[lo - 1] if lo else None
+            blocks = published[lo:hi]
+            new = []
+            for block in blocks:
+                new.append(block not in l3)
+                l3[block] = until
+                l3.move_to_end(block)
+            parent = published[lo - 1] if lo else None
             page_tokens = tokens[lo * size : hi * size]
-            self._emit_stored(raw[lo:hi], parent, page_tokens, namespace, self._l3_medium, is_new)
+            self._emit_stored(blocks, new, parent, page_tokens, namespace, self._l3_medium)
         self._forget_l3(len(l3) - MAX_L3_PAGES)
 
     def l3_absent(self, source: Any, namespace: Hashable, tokens: array, block: int) -> None:
