@@ -393,3 +393,20 @@ def test_cli_admin_actions_need_a_server_and_a_checked_config(tmp_path, capsys):
     assert cli.main(["store", "attach", "--url", nobody, "--config", str(bad)]) == 1
     assert "config key 'store.nvme.size'" in capsys.readouterr().err  # checked before sending
     assert cli.main(["store", "attach", "--url", nobody]) == 2
+
+
+def test_a_store_attached_while_the_tree_holds_old_weights_stays_off(tmp_path):
+    """After a weight update the cache was not flushed with, L3 is off until the next
+    flush; a store attached meanwhile inherits that (it would store the old weights' KV
+    under the new weights' keys)."""
+    cache, _, sched = server(nvme(tmp_path / "a"))
+    cache.new_weights_epoch("w2", "v2", stale=True)
+    ok, message = attach(cache, nvme(tmp_path / "b"))
+    assert ok, message
+    cache.step()
+    assert cache.store_status()["suspended"]
+    sched.run(SimReq("a", prompt(7)))
+    settle(cache)
+    assert pages(nvme(tmp_path / "b")) == 0
+    cache.reset()  # SGLang's flush_cache: the tree holds no old KV any more
+    assert not cache.store_status()["suspended"]
