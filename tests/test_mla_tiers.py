@@ -320,3 +320,41 @@ def test_tp1_and_tp2_mla_identities_share_pages(tmp_path):
     # an MHA identity of another TP rank does not see them
     _, _, other_sched = mla_server(store, model_id=model_identity(mla_ctx(1, 2, mla=False)))
     assert other_sched.run(SimReq("c", prompt)) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mla_copy_path_is_bit_exact_on_cuda():
+    """The CUDA twin over MLA's one latent buffer per layer (DeepSeek's 576-wide rows, every
+    bf16 bit pattern): device -> pinned host straight (contiguous host slots) and through
+    staging (scattered ones), then back into other device slots, per-layer events."""
+    from hiradix.backends.host_slab import HostSlab
+
+    from hiradix.kv_copy import CudaKvCopier, LayerEvents
+
+    layers, slots, width = 4, 4096, 512 + 64
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    kv = [
+        torch.randint(
+            0, 256, (slots, 1, width * 2), device="cuda", dtype=torch.uint8, generator=gen
+        ).view(torch.bfloat16)
+        for _ in range(layers)
+    ]
+    slab = HostSlab(
+        2048, layers=layers, heads=1, head_dim=width, dtype=torch.bfloat16, page_size=16,
+        pin_memory=True, parts=1,
+    )  # fmt: skip
+    copier = CudaKvCopier(kv, None, slab)
+    perm = torch.randperm(slots, device="cuda")
+    for host_idx in (slab.alloc(512), slab.alloc(512)[torch.randperm(512)]):  # straight, staged
+        device_idx, target = perm[:512], perm[512:1024]
+        want = [t[device_idx].view(torch.uint8).cpu() for t in kv]
+        copier.device_to_host(device_idx, host_idx).wait()
+        for layer in range(layers):
+            assert torch.equal(slab.k[layer][host_idx].view(torch.uint8), want[layer])
+        events = copier.host_to_device(host_idx, target)
+        assert isinstance(events, LayerEvents) and len(events.events) == layers
+        events.wait()
+        for layer in range(layers):
+            assert torch.equal(kv[layer][target].view(torch.uint8).cpu(), want[layer])
+        perm = perm.roll(1024)
