@@ -314,8 +314,8 @@ class StorageTier:
         """One page of host rows, framed (worker thread; the rows are pinned). Uncompressed
         pages are copied straight from the slab into the frame: one copy, GIL released."""
         if self.codec_name != "none":
-            parts = torch.stack(tuple(b[:, page_slots] for b in self._buffers))
-            raw = parts.view(torch.uint8).numpy()
+            stacked = torch.stack(tuple(b[:, page_slots] for b in self._buffers))
+            raw = stacked.view(torch.uint8).numpy()
             if self.verifier is not None:
                 self.verifier.record([meta.page_key], [digest(raw)])
             return encode_page(raw, meta, self.codec, self.level, mac_key=self.mac_key)
