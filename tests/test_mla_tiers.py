@@ -171,6 +171,22 @@ def test_mla_page_header_records_the_latent_layout(tmp_path):
     assert mha.storage.page_shape[0] == 2 and not mha.kv_replicated and mha.storage.writer
 
 
+def test_mla_pages_round_trip_compressed(tmp_path):
+    """zstd over byte planes (the codec path frames a stacked copy of the rows)."""
+    store = {"kind": "nvme", "nvme": {"path": str(tmp_path / "p"), "size": "8MiB"}}
+    zstd = {"compression": {"codec": "zstd"}}
+    cache, _, sched = mla_server(store, **zstd)
+    assert cache.storage.codec_name == "zstd"
+    prompt = prompts_for(12, count=1, length=100)[0]
+    sched.run(SimReq("a", prompt))
+    settle(cache)
+    assert cache.stats.counters["l2_to_l3_tokens"] == 96
+    _, _, other_sched = mla_server(store, **zstd)
+    req = SimReq("b", prompt)
+    other_sched.run(req)
+    assert req.storage_hit == 96 and other_sched.verified >= 96
+
+
 class CountingStore:
     """A real store, with the pages each rank put counted (the test's probe)."""
 
