@@ -34,6 +34,44 @@ def tp2_baselines(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
         yield servers
 
 
+def replay_tp2(model: Path, tmp_path: Path, case, requests, config: Path, env: dict,
+               before_wave) -> tuple[int, dict[str, float]]:  # fmt: skip
+    """``requests`` wave by wave on a fresh TP=2 hiradix server (``before_wave(wave)`` runs
+    before each); every answer must equal the baseline's and no log line may be bad.
+    Returns the number of answers compared and the server's hiradix metrics."""
+    env = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1", "HIRADIX_VERIFY": "fatal",
+           "HIRADIX_CONSENSUS_CHECK": "1", **env}  # fmt: skip
+    server = SGLangServer(
+        model, extra_args=["--tp-size", "2", "--enable-hiradix", "--hiradix-config",
+                           str(config)],
+        env=env, log_path=tmp_path / "hiradix.log", max_total_tokens=case.l1_tokens,
+        name="hiradix-tp2",
+    )  # fmt: skip
+    answered = mismatched = 0
+    try:
+        server.start()
+        server.wait_ready(timeout=300)
+        for wave in range(case.turns):
+            before_wave(wave)
+            batch = [r for r in requests if r.wave == wave]
+            for req, res in zip(batch, send_wave(server, batch, case, abort=True), strict=True):
+                if res is None:
+                    continue
+                assert not isinstance(res, Exception), f"request {req.index} failed: {res!r}"
+                answered += 1
+                mismatched += res.output_ids != req.expected
+        metrics = server.hiradix_metrics()
+        log = server.log_text()
+    finally:
+        server.stop()
+    assert answered >= len(requests) // 2
+    assert mismatched == 0, f"{mismatched} of {answered} answers differ from SGLang's"
+    assert metrics["verify_mismatches"] == 0, metrics
+    for bad in BAD_LOG_LINES:
+        assert bad not in log, f"{bad!r} in {server.log_path}"
+    return answered, metrics
+
+
 def test_tp2_slow_rank_and_redis_outage_answer_like_sglang(
     tiny_model: Path, tmp_path: Path, tp2_baselines: dict
 ):
@@ -47,46 +85,20 @@ def test_tp2_slow_rank_and_redis_outage_answer_like_sglang(
     redis = RedisServer().start()
     config = tmp_path / "hiradix.yaml"
     config.write_text(case.config_yaml(tmp_path / "pages", redis.url))
-    env = {
-        "SGLANG_CPU_OMP_THREADS_BIND": "0|1",
-        "HIRADIX_VERIFY": "fatal",
-        "HIRADIX_CONSENSUS_CHECK": "1",
-        "HIRADIX_TESTBED_STORE_LATENCY_S": "0.03",
-        "HIRADIX_TESTBED_STORE_LATENCY_RANKS": "1",
-    }
-    server = SGLangServer(
-        tiny_model, extra_args=["--tp-size", "2", "--enable-hiradix", "--hiradix-config",
-                                str(config)],
-        env=env, log_path=tmp_path / "hiradix.log", max_total_tokens=case.l1_tokens,
-        name="hiradix-tp2",
-    )  # fmt: skip
-    answered = mismatched = 0
+
+    def outage(wave: int) -> None:
+        if wave == 2:
+            redis.kill()  # outage in the middle of the run: L3 becomes misses
+        if wave == 3:
+            redis.restart()  # back, empty, on the same port
+
+    slow_rank = {"HIRADIX_TESTBED_STORE_LATENCY_S": "0.03",
+                 "HIRADIX_TESTBED_STORE_LATENCY_RANKS": "1"}  # fmt: skip
     try:
-        server.start()
-        server.wait_ready(timeout=300)
-        for wave in range(case.turns):
-            if wave == 2:
-                redis.kill()  # outage in the middle of the run: L3 becomes misses
-            if wave == 3:
-                redis.restart()  # back, empty, on the same port
-            batch = [r for r in requests if r.wave == wave]
-            for req, res in zip(batch, send_wave(server, batch, case, abort=True), strict=True):
-                if res is None:
-                    continue
-                assert not isinstance(res, Exception), f"request {req.index} failed: {res!r}"
-                answered += 1
-                mismatched += res.output_ids != req.expected
-        metrics = server.hiradix_metrics()
-        log = server.log_text()
+        _, metrics = replay_tp2(tiny_model, tmp_path, case, requests, config, slow_rank, outage)
     finally:
-        server.stop()
         redis.stop()
-    assert answered >= len(requests) // 2
-    assert mismatched == 0, f"{mismatched} of {answered} answers differ from SGLang's"
     assert metrics["l2_to_l3_tokens"] > 0, metrics  # the store was in use before the outage
-    assert metrics["verify_mismatches"] == 0
-    for bad in BAD_LOG_LINES:
-        assert bad not in log, f"{bad!r} in {server.log_path}"
 
 
 #: pauses before turns 2, 3 and 4: past the host TTL only, past the store's too, past all
@@ -109,37 +121,13 @@ def test_tp2_many_conversations_short_ttls_and_aborts_answer_like_sglang(
     requests = build_workload(case, baseline_for(tp2_baselines, tiny_model, case, tmp_path))
     config = tmp_path / "hiradix.yaml"
     config.write_text(case.config_yaml(tmp_path / "pages", None))
-    env = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1", "HIRADIX_VERIFY": "fatal",
-           "HIRADIX_CONSENSUS_CHECK": "1"}  # fmt: skip
-    server = SGLangServer(
-        tiny_model, extra_args=["--tp-size", "2", "--enable-hiradix", "--hiradix-config",
-                                str(config)],
-        env=env, log_path=tmp_path / "hiradix.log", max_total_tokens=case.l1_tokens,
-        name="hiradix-tp2-ttl",
-    )  # fmt: skip
-    answered = mismatched = 0
-    try:
-        server.start()
-        server.wait_ready(timeout=300)
-        for wave in range(case.turns):
-            if wave:
-                time.sleep(PAUSES[wave - 1])
-            batch = [r for r in requests if r.wave == wave]
-            for req, res in zip(batch, send_wave(server, batch, case, abort=True), strict=True):
-                if res is None:
-                    continue
-                assert not isinstance(res, Exception), f"request {req.index} failed: {res!r}"
-                answered += 1
-                mismatched += res.output_ids != req.expected
-        metrics = server.hiradix_metrics()
-        log = server.log_text()
-    finally:
-        server.stop()
-    assert len(requests) == 96 and answered >= len(requests) // 2
-    assert mismatched == 0, f"{mismatched} of {answered} answers differ from SGLang's"
-    assert metrics["verify_mismatches"] == 0 and metrics["verify_checked_pages"] > 0, metrics
+
+    def pause(wave: int) -> None:
+        if wave:
+            time.sleep(PAUSES[wave - 1])
+
+    _, metrics = replay_tp2(tiny_model, tmp_path, case, requests, config, {}, pause)
+    assert len(requests) == 96 and metrics["verify_checked_pages"] > 0, metrics
     # the tiers served hits, and the TTLs fired (on the agreed clock, both ranks alike)
     assert metrics["l2_hit_tokens"] + metrics["l3_hit_tokens"] > 0, metrics
     assert metrics["l1_expired_tokens"] > 0 and metrics["l2_expired_tokens"] > 0, metrics
-    for bad in BAD_LOG_LINES:
-        assert bad not in log, f"{bad!r} in {server.log_path}"
