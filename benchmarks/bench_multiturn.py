@@ -28,6 +28,9 @@ Servers, started one at a time by this script on this machine, same model, same 
   testbed's :mod:`hiradix.integration.testbed.slow_store`). Run with ``hiradix_host`` (same
   L1 and L2, no store: what recomputing costs) to see the cost model at work; the script
   then prints and writes ``slow_store_ttft_p50_over_recompute``.
+* ``hiradix_events`` (only when named in ``--servers``) ``hiradix_nvme`` publishing SGLang's
+  KV events for every tier (``--kv-events-config``, ZMQ PUB on loopback, no subscriber):
+  with ``hiradix_nvme`` in the same ``--interleave`` run, what the events cost
 * ``baseline_b``    (only when named in ``--servers``) a second ``baseline``: the A/A
   control, how far apart two identical server processes are (its ratios end in ``_aa``
   and are not counted in the goals).
@@ -122,6 +125,7 @@ SERVERS = (
     "hiradix_nvme",
     "hiradix_redis",
     "hiradix_slow",
+    "hiradix_events",
     "baseline_b",
 )
 HIRADIX = tuple(n for n in SERVERS if n.startswith("hiradix_"))
@@ -483,6 +487,8 @@ def serving(
         redis: RedisServer | None = None
         if is_hiradix(name):
             store = name.split("_", 1)[1]
+            if store == "events":  # hiradix_nvme publishing KV events
+                store = "nvme"
             if store == "redis":
                 redis = stack.enter_context(RedisServer())
             redis_url = redis.url if redis is not None else None
@@ -496,7 +502,7 @@ def serving(
             env["SGLANG_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(args.tp))
         if name == "hiradix_slow":
             env[slow_store.ENV] = str(args.slow_store_latency)
-        if args.kv_events:  # SGLang's KV events on (hiradix: every tier), PUB on loopback
+        if args.kv_events or name == "hiradix_events":  # SGLang's KV events, PUB on loopback
             endpoint = f"tcp://127.0.0.1:{free_port()}"
             extra += ["--kv-events-config",
                       json.dumps({"publisher": "zmq", "endpoint": endpoint, "bind": True})]  # fmt: skip
