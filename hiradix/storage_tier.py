@@ -174,6 +174,10 @@ class StorageTier:
         #: no IO (a miss, a dropped write); running ones finish against this store
         self.retired = False
         self.pending_jobs = 0  # submitted jobs whose completion is not applied yet
+        #: clears of the store submitted and not applied yet (``store_admin.py``): a write
+        #: that starts meanwhile does no IO (dropped), as the clear might delete its pages
+        #: after ``_written`` records them
+        self.clearing = 0
 
     def others_queued(self) -> bool:
         return self.queued() > 1
@@ -259,7 +263,7 @@ class StorageTier:
                 for key in written:
                     self._absent.pop(key, None)
                 return IoResult(len(items), _NOT_MINE)
-            if self.retired or not self.breaker.allow():
+            if self.retired or self.clearing or not self.breaker.allow():
                 return NOT_DONE
             started = time.perf_counter()
             payload = []

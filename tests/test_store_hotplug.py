@@ -410,3 +410,125 @@ def test_a_store_attached_while_the_tree_holds_old_weights_stays_off(tmp_path):
     assert pages(nvme(tmp_path / "b")) == 0
     cache.reset()  # SGLang's flush_cache: the tree holds no old KV any more
     assert not cache.store_status()["suspended"]
+
+
+def test_a_store_attached_after_a_stale_update_without_a_store_stays_off(tmp_path):
+    """The tree's staleness belongs to the cache, not to the store in use: a weight update
+    the cache was not flushed with while no store was attached (or between a detach and an
+    attach applied at the same step) still keeps the next store off until the flush."""
+    cache, _, sched = server({"kind": "none"})
+    sched.run(SimReq("old", prompt(7)))  # KV of the old weights, in L1/L2
+    cache.new_weights_epoch("w2", "v2", stale=True)
+    assert attach(cache, nvme(tmp_path / "b"))[0]
+    cache.step()
+    assert cache.store_status()["suspended"]
+    sched.run(SimReq("a", prompt(8)))
+    settle(cache)
+    assert pages(nvme(tmp_path / "b")) == 0  # no old-weights KV under the new weights' keys
+    cache.reset()
+    assert not cache.store_status()["suspended"]
+
+    cache, _, _ = server(nvme(tmp_path / "c"))
+    cache.new_weights_epoch("w2", "v2", stale=True)
+    assert cache.admin_detach()[0] and attach(cache, nvme(tmp_path / "d"))[0]
+    cache.step()  # detach, then attach: no store in between
+    assert cache.store_status()["suspended"]
+
+
+def test_attach_turns_on_sglangs_prefetch_calls_without_a_prefetch_policy(tmp_path):
+    """The store is built at the next step, so the handler cannot ask
+    ``wants_storage_prefetch`` (False before the step with ``prefetch.policy: none``)."""
+    from types import SimpleNamespace
+
+    from hiradix.integration.sglang import store_admin
+    from sglang.srt.managers.io_struct import AttachHiCacheStorageReqInput
+    from sglang_sim import make_pools
+
+    pools = make_pools(size=512)
+    config = parse_config(
+        {"host": {"size": "4MiB"}, "store": {"kind": "none"}, "prefetch": {"policy": "none"}}
+    )
+    cache = HiRadixCache(pools.params(1), config, model_id="test-model")
+    scheduler = SimpleNamespace(tree_cache=cache, enable_hicache_storage=False, waiting_queue=[])
+    body = json.dumps({"nvme": {"path": str(tmp_path / "b")}, "block_tokens": 16})
+    request = AttachHiCacheStorageReqInput(
+        hicache_storage_backend="nvme", hicache_storage_backend_extra_config_json=body
+    )
+    assert store_admin._attach(lambda *a: None, scheduler, request).success
+    assert scheduler.enable_hicache_storage  # else SGLang never calls prefetch_from_storage
+
+
+def test_attach_requests_that_cannot_be_read_or_used_are_refused_not_raised(tmp_path, monkeypatch):
+    """Nothing a request holds escapes into SGLang's scheduler loop (on TP, a rank that
+    raised before the ranks' vote would leave the others waiting in it), and a Redis
+    password variable that is not set is an error now, as the MAC key's is."""
+    from hiradix.integration.sglang import store_admin
+
+    cache, _, _ = server(nvme(tmp_path / "a"))
+    before = cache.storage
+    ok, message = cache.admin_attach("memory", "[" * 100_000 + "]" * 100_000)
+    assert not ok and "not valid JSON" in message
+
+    def broken(*args, **kwargs):
+        raise TypeError("something the parser did not expect")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store_admin, "parse_store_request", broken)
+        ok, message = cache.admin_attach("memory", "{}")
+    assert not ok and "did not expect" in message
+
+    monkeypatch.delenv("HIRADIX_TEST_REDIS_PW", raising=False)
+    section = {"redis": {"url": "redis://127.0.0.1:1", "password_env": "HIRADIX_TEST_REDIS_PW"}}
+    ok, message = cache.admin_attach("redis", json.dumps(section))
+    assert not ok and "HIRADIX_TEST_REDIS_PW" in message
+    cache.step()
+    assert cache.storage is before and cache.store_status()["switches"] == 0
+
+
+class _HeldStore:
+    """A store whose writes wait for ``put`` and whose scan waits for ``scan``."""
+
+    def __init__(self, inner, put: threading.Event, scan: threading.Event):
+        self.inner, self.put, self.scan_gate = inner, put, scan
+
+    def put_many(self, *args, **kwargs):
+        self.put.wait(30)
+        return self.inner.put_many(*args, **kwargs)
+
+    def scan(self, *args, **kwargs):
+        self.scan_gate.wait(30)
+        return self.inner.scan(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_clear_racing_writes_forgets_what_it_may_have_deleted(tmp_path):
+    """A write running when the clear is applied stores its pages before the clear's scan
+    deletes them, and its completion is applied after the clear forgot ``_written``: the
+    pages must not stay recorded as written (write-through would skip them for good)."""
+    section = nvme(tmp_path / "a")
+    cache, pools, sched = server(section, wait="best_effort")
+    put, scan = threading.Event(), threading.Event()
+    cache.storage.store = _HeldStore(cache.storage.store, put, scan)
+    first = prompt(5)
+    sched.run(SimReq("a", first))
+    for _ in range(3):
+        cache.flush_pending_backups()
+    assert cache.storage._queued_pages > 0  # writes held at the store
+    assert cache.admin_clear()[0]
+    cache.step()
+    put.set()  # the writes store their pages; the clear's scan has not run yet
+    writes = cache.engine._io_orders["write"]
+    deadline = time.monotonic() + 30
+    while not all(order.done for order in list(writes)[:-1]):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    scan.set()  # the clear deletes them
+    settle(cache)
+    assert pages(section) == 0
+    assert cache.store_status()["pages_known_written"] == 0
+    sched.run(SimReq("b", [*first, *prompt(6, 40)]))  # shares the first prompt's pages
+    settle(cache)
+    assert pages(section) >= 8  # written again, shared prefix included
+    assert_clean(cache, pools)

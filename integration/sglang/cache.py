@@ -164,6 +164,9 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, KvEvents, BasePrefixCa
         self.model_id = model_id.key() if isinstance(model_id, ModelIdentity) else model_id
         self.resets = 0  # times the tree was reset (flush_cache): read by the epoch hooks
         self.weights_epoch = 0  # weight updates seen since start
+        #: the tree still holds KV of weights older than ``model_id`` (an update without a
+        #: flush): no L3 store, one attached later included, reads or writes until ``reset``
+        self.tree_stale = False
         self.storage: StorageTier | None = None
         self._store_ops = []  # attach/detach/clear requests, applied at the next step
         self._retired_stores = []  # stores switched away from, until their jobs are applied
@@ -289,6 +292,7 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, KvEvents, BasePrefixCa
         self._new_by_rid = {}
         if self.storage is not None:
             self.storage.reset()
+        self.tree_stale = False
         if self.slab is not None:
             self.slab.clear()
         self.resets += 1
@@ -311,6 +315,7 @@ class HiRadixCache(HostTier, StoragePrefetch, StoreAdmin, KvEvents, BasePrefixCa
             self.model_id = f"{base}#weights={weights}/version={weight_version}"
         if self.verifier is not None:
             self.verifier.forget()  # old digests describe another model
+        self.tree_stale = self.tree_stale or stale
         if self.storage is not None:
             self.storage.new_epoch(self.model_id, suspend=stale)
         self.weights_epoch += 1

@@ -68,7 +68,7 @@ def parse_store_request(
     Raises :class:`ConfigError` with the config file's messages."""
     try:
         section: Any = json.loads(extra_json) if extra_json else {}
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise ConfigError(
             f"hicache_storage_backend_extra_config_json is not valid JSON ({exc}); allowed: "
             "hiradix's store section as a JSON object",
@@ -154,6 +154,8 @@ class StoreAdmin:
                 source=SOURCE,
             )
         store.mac_key()  # an unset or short variable is an error now, not at the first write
+        if store.kind is StoreKind.REDIS:
+            store.redis.password()  # likewise: the store would be built (and fail) at first use
 
     def admin_attach(self: Any, backend: str, extra_json: str | None) -> tuple[bool, str]:
         """Validate an attach request and queue the switch for the next agreed step;
@@ -164,6 +166,9 @@ class StoreAdmin:
             self._check_store_config(config)
         except (ConfigError, ValueError) as exc:
             error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bad request must not stop the scheduler
+            logger.warning("hiradix: attach request refused: %r", exc)
+            error = f"hiradix: the attach request could not be read: {exc!r}"
         if not self._ranks_agree(not error):
             return False, error or "hiradix: another TP rank refused this store config"
         assert config is not None
@@ -208,7 +213,9 @@ class StoreAdmin:
 
     def _switch_store(self: Any, config: HiradixConfig | None) -> None:
         old: StorageTier | None = self.storage
-        suspended = old is not None and old.suspended
+        # the tree may hold KV of older weights: the new store stays off until the next
+        # flush, whether or not a store was attached when the weights changed
+        suspended = self.tree_stale or (old is not None and old.suspended)
         if old is not None:
             old.retired = True
             for request_id in list(old.prefetches):
@@ -257,12 +264,20 @@ class StoreAdmin:
             return IoResult(deleted)
 
         def done(result: IoResult | None, error: BaseException | None) -> None:
+            # writes applied since the request may have been deleted by the scan: forget
+            # them (later writes did no IO while clearing, see ``StorageTier.clearing``)
+            tier.clearing -= 1
+            tier._written.clear()
+            if kv_log is not None and tier is self.storage:
+                kv_log.store_cleared()
             if error is not None:
                 logger.warning("hiradix: clearing the L3 store failed: %r", error)
                 return
-            self.store_cleared_pages += max(0, (result or IoResult(-1)).count)
-            logger.info("hiradix: L3 store cleared (%d pages)", max(0, result.count))
+            count = max(0, (result or IoResult(-1)).count)
+            self.store_cleared_pages += count
+            logger.info("hiradix: L3 store cleared (%d pages)", count)
 
+        tier.clearing += 1
         tier._submit(job, done, lane="write")
 
     # ------------------------------------------------------------------ status
@@ -314,7 +329,8 @@ def _cache(scheduler: Any) -> Any:
 def _enable_prefetch_calls(scheduler: Any, cache: Any) -> None:
     """A store attached to a server started without one: turn SGLang's storage-prefetch
     calls on, as ``plugin._after_scheduler_init`` does at start."""
-    if cache.wants_storage_prefetch and not getattr(scheduler, "enable_hicache_storage", False):
+    # the store is built at the next step: ``wants_storage_prefetch`` cannot tell yet
+    if not getattr(scheduler, "enable_hicache_storage", False):
         scheduler.enable_hicache_storage = True
         cache.waiting = lambda: scheduler.waiting_queue
 
@@ -339,7 +355,7 @@ def _attach(original: Any, scheduler: Any, recv_req: Any, *args: Any, **kwargs: 
     ok, message = cache.admin_attach(
         recv_req.hicache_storage_backend, recv_req.hicache_storage_backend_extra_config_json
     )
-    if ok:
+    if ok and (recv_req.hicache_storage_backend != "none" or cache.wants_storage_prefetch):
         _enable_prefetch_calls(scheduler, cache)
     return AttachHiCacheStorageReqOutput(success=ok, message=message)
 
