@@ -332,7 +332,7 @@ def test_two_tp_ranks_switch_at_the_same_step(tmp_path):
         cache.tree.check_invariants()
 
 
-def test_scheduler_hooks_answer_for_hiradix_and_pass_other_caches_through(tmp_path):
+def test_scheduler_hooks_answer_for_hiradix_and_pass_other_caches_through(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from hiradix.integration.sglang import store_admin
@@ -369,6 +369,9 @@ def test_scheduler_hooks_answer_for_hiradix_and_pass_other_caches_through(tmp_pa
         ),
     )
     assert not refused.success and "hicache_write_policy" in refused.message
+    # clear deletes what a fleet may share: refused unless the server has an admin key
+    assert not store_admin._clear(sglang_handler, scheduler, ClearHiCacheReqInput()).success
+    monkeypatch.setattr(store_admin, "admin_key_configured", lambda: True)
     assert store_admin._clear(sglang_handler, scheduler, ClearHiCacheReqInput()).success
     assert store_admin._detach(sglang_handler, scheduler, DetachHiCacheStorageReqInput()).success
     cache.step()

@@ -370,12 +370,28 @@ def _detach(original: Any, scheduler: Any, recv_req: Any, *args: Any, **kwargs: 
     return DetachHiCacheStorageReqOutput(success=ok, message=message)
 
 
+def admin_key_configured() -> bool:
+    """Whether the server was started with ``--admin-api-key``."""
+    try:
+        from sglang.srt.runtime_context import get_serving
+
+        return bool(get_serving().admin_api_key)
+    except Exception:  # noqa: BLE001 - no serving context: no key
+        return False
+
+
 def _clear(original: Any, scheduler: Any, recv_req: Any, *args: Any, **kwargs: Any) -> Any:
     cache = _cache(scheduler)
     if cache is None:
         return original(scheduler, recv_req, *args, **kwargs)
     from sglang.srt.managers.io_struct import ClearHiCacheReqOutput
 
+    if not admin_key_configured():
+        # SGLang's clear route, unlike attach and detach, does not insist on an admin key;
+        # hiradix's clear deletes every page under the store's prefix, which a fleet may
+        # share, so it does (the same answer on every rank: the same server arguments)
+        logger.warning("hiradix: refused to clear the L3 store: the server has no --admin-api-key")
+        return ClearHiCacheReqOutput(success=False)
     ok, message = cache.admin_clear()
     logger.info("%s", message)
     return ClearHiCacheReqOutput(success=ok)
