@@ -1,8 +1,10 @@
-"""Shared pytest setup. Fixtures that start real processes live next to the tests that use them."""
+"""Shared pytest setup. Fixtures that start real processes live next to the tests that use
+them, except the module-scoped redis-server of the in-process L3 tests (``redis_url``)."""
 
 from __future__ import annotations
 
 import os
+import random
 
 # CPU tests must never take SGLang's CUDA code paths, even on a GPU host (see
 # SGLANG-0.5.23.md section 6: the kernel flags are process-global).
@@ -39,6 +41,27 @@ def sglang_context():
     override = publish_test_config()
     yield
     override.restore()
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    """A real redis-server, one per test module; each test keeps apart by its own key prefix."""
+    from hiradix.integration.testbed.redis_servers import RedisServer
+
+    server = RedisServer()
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(params=["nvme", "redis"])
+def store_cfg(request, tmp_path, redis_url):
+    """An L3 store section: NVMe files in the test's temp dir, or the module's redis-server
+    under a random key prefix."""
+    if request.param == "nvme":
+        return {"kind": "nvme", "nvme": {"path": str(tmp_path / "pages"), "size": "64MiB"}}
+    prefix = f"t{random.randrange(10**9)}:"
+    return {"kind": "redis", "redis": {"url": redis_url, "key_prefix": prefix}}
 
 
 @pytest.fixture(scope="session")

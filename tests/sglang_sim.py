@@ -9,7 +9,9 @@ that the KV a match hands out is exactly the KV of the tokens it claims to cover
 
 from __future__ import annotations
 
+import threading
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +142,43 @@ def make_mla_pools(
         allocator = PagedTokenToKVPoolAllocator(size, page_size, dtype, "cpu", kv, need_sort=False)
     req_to_token = ReqToTokenPool(max_reqs, ctx, "cpu", enable_memory_saver=False)
     return Pools(req_to_token, kv, allocator, size)
+
+
+def settle(cache: Any) -> None:
+    """Let write-through reach the store (what the scheduler's next steps would do)."""
+    for _ in range(3):
+        cache.flush_pending_backups()
+        cache.engine.drain()
+    cache.flush_pending_backups()
+
+
+def run_ranks(
+    work: Callable[[int], None],
+    ranks: int,
+    timeout: float = 120.0,
+    *,
+    on_error: Callable[[], None] | None = None,
+) -> dict[int, BaseException]:
+    """Run ``work(rank)`` on one thread per rank (TP ranks or pipeline stages in one
+    process), join each thread within ``timeout`` and return what each failed rank raised.
+    ``on_error`` runs on the failing rank's thread (abort a barrier, so that the other
+    ranks do not wait in a collective the failed one never enters)."""
+    errors: dict[int, BaseException] = {}
+
+    def run(rank: int) -> None:
+        try:
+            work(rank)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            errors[rank] = exc
+            if on_error is not None:
+                on_error()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(ranks)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return errors
 
 
 def idle_total(cache: Any, pools: Pools) -> int:

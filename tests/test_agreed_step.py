@@ -14,7 +14,7 @@ import pytest
 from hiradix.backends.faults import FaultyStore
 from hiradix.integration.sglang.cache import HiRadixCache
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
-from sglang_sim import Scheduler, SimReq, make_pools
+from sglang_sim import Scheduler, SimReq, make_pools, run_ranks
 
 from hiradix.config import parse_config
 
@@ -105,21 +105,12 @@ def test_two_ranks_with_different_stores_keep_identical_trees():
         flaky.store, latency_s=0.01, error_rate=0.2, corrupt_rate=0.2, drop_write_rate=0.2, seed=3
     )
     states: list[list] = [[], []]
-    errors: list[BaseException] = []
 
     def run(rank: int) -> None:
         cache, sched = ranks[rank]
-        try:
-            drive(cache, sched, states[rank], prompts)
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
-            collective.barrier.abort()
+        drive(cache, sched, states[rank], prompts)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = run_ranks(run, 2, on_error=collective.barrier.abort)
     assert not errors, errors
     assert collective.calls > 0
     assert len(states[0]) == len(states[1])
@@ -142,24 +133,16 @@ def test_consensus_checker_names_the_first_disagreement():
     collective = Collective(2)
     ranks = [make_rank(r, collective) for r in range(2)]
     prompt = list(range(3000, 3100))
-    errors: dict[int, BaseException] = {}
 
     def run(rank: int) -> None:
         cache, sched = ranks[rank]
-        try:
-            sched.run(SimReq("a", prompt))
-            cache.step()
-            if rank == 1:
-                cache.evict(EvictParams(num_tokens=10_000))  # this rank only
-            cache.step()
-        except BaseException as exc:  # noqa: BLE001 - inspected below
-            errors[rank] = exc
+        sched.run(SimReq("a", prompt))
+        cache.step()
+        if rank == 1:
+            cache.evict(EvictParams(num_tokens=10_000))  # this rank only
+        cache.step()
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    errors = run_ranks(run, 2, timeout=60)
     assert set(errors) == {0, 1}, errors
     for exc in errors.values():
         assert isinstance(exc, ConsensusError), exc

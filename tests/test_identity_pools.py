@@ -19,7 +19,7 @@ from sglang.srt.mem_cache.memory_pool import (
     MLATokenToKVPoolFP4,
     ReqToTokenPool,
 )
-from sglang_sim import Pools, Scheduler, SimReq, idle_total, prefix_code
+from sglang_sim import Pools, Scheduler, SimReq, idle_total, prefix_code, settle
 
 from hiradix.config import parse_config
 
@@ -171,13 +171,6 @@ def fp8_server(dtype, store, size=256, host="64KiB"):
     )
     cache = HiRadixCache(pools.params(1), config, model_id=f"fp8-test/{dtype}")
     return cache, pools, ByteScheduler(cache, pools)
-
-
-def settle(cache):
-    for _ in range(3):
-        cache.flush_pending_backups()
-        cache.engine.drain()
-    cache.flush_pending_backups()
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])

@@ -10,7 +10,6 @@ from array import array
 
 import pytest
 from hiradix.integration.sglang.cache import HiRadixCache
-from hiradix.integration.testbed.redis_servers import RedisServer
 from sglang.srt.disaggregation.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -23,6 +22,7 @@ from sglang.srt.mem_cache.cache_init_params import CacheInitParams
 from sglang.srt.mem_cache.events import KvEventLoraNames
 from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
 from sglang_sim import Scheduler, SimReq, idle_total, make_pools
+from sglang_sim import settle as settle_tiers
 
 from hiradix.config import parse_config
 
@@ -240,14 +240,6 @@ def test_no_events_unless_asked_for():
 # ---------------------------------------------------------------------- every tier
 
 
-@pytest.fixture(scope="module")
-def redis_url():
-    server = RedisServer()
-    server.start()
-    yield server.url
-    server.stop()
-
-
 def store_config(kind, tmp_path, redis_url):
     if kind == "nvme":
         return {"kind": "nvme", "nvme": {"path": str(tmp_path / "pages"), "size": "64MiB"}}
@@ -270,10 +262,7 @@ def tiered(store, *, size=160, clock=None, **extra):
 
 
 def settle(cache, replay):
-    for _ in range(3):
-        cache.flush_pending_backups()
-        cache.engine.drain()
-    cache.flush_pending_backups()
+    settle_tiers(cache)
     replay.feed(cache.take_events())
 
 

@@ -7,18 +7,23 @@ read; TP=1 and TP=2 servers of one model share pages."""
 from __future__ import annotations
 
 import random
-import threading
 from types import SimpleNamespace
 
 import pytest
 import torch
 from hiradix.integration.sglang.cache import HiRadixCache
 from hiradix.integration.sglang.factory import model_identity, store_shard
-from hiradix.integration.testbed.redis_servers import RedisServer
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-from sglang_sim import Scheduler, SimReq, idle_total, make_mla_pools, make_pools
-from test_agreed_step import Collective, tree_state
+from sglang_sim import (
+    Scheduler,
+    SimReq,
+    idle_total,
+    make_mla_pools,
+    make_pools,
+    run_ranks,
+    settle,
+)
+from test_agreed_step import Collective, drive
 
 from hiradix.codec import PageMeta, decode_page, inspect_page
 from hiradix.config import parse_config
@@ -29,22 +34,6 @@ pytestmark = pytest.mark.usefixtures("sglang_context")
 
 BLOCK = 16
 LORA, ROPE, LAYERS = 32, 8, 2  # latent rows of 40 values (DeepSeek: 512 + 64)
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    server = RedisServer()
-    server.start()
-    yield server.url
-    server.stop()
-
-
-@pytest.fixture(params=["nvme", "redis"])
-def store_cfg(request, tmp_path, redis_url):
-    if request.param == "nvme":
-        return {"kind": "nvme", "nvme": {"path": str(tmp_path / "pages"), "size": "64MiB"}}
-    prefix = f"t{random.randrange(10**9)}:"
-    return {"kind": "redis", "redis": {"url": redis_url, "key_prefix": prefix}}
 
 
 class LatentScheduler(Scheduler):
@@ -86,13 +75,6 @@ def mla_server(store, *, size=256, host="64KiB", model_id="mla-test", tp_rank=No
     )
     cache = HiRadixCache(pools.params(1), config, model_id=model_id, tp_rank=tp_rank)
     return cache, pools, LatentScheduler(cache, pools)
-
-
-def settle(cache):
-    for _ in range(3):
-        cache.flush_pending_backups()
-        cache.engine.drain()
-    cache.flush_pending_backups()
 
 
 def prompts_for(seed: int, count: int = 6, length: int = 96) -> list[list[int]]:
@@ -215,33 +197,12 @@ def two_ranks(store_by_rank, prompts, collective):
         cache.storage.store = CountingStore(cache.storage.store)
         ranks.append((cache, sched))
     states: list[list] = [[], []]
-    errors: list[BaseException] = []
 
     def run(rank):
         cache, sched = ranks[rank]
-        try:
-            for i, prompt in enumerate(prompts):
-                sched.run(SimReq(f"a{i}", prompt))
-                states[rank].append(tree_state(cache))
-            for _ in range(30):  # write-through drains on agreed steps
-                cache.flush_pending_backups()
-                threading.Event().wait(0.005)
-            cache.evict(EvictParams(num_tokens=10_000))
-            cache.tree.evict_l2(10_000)
-            cache.step()
-            states[rank].append(tree_state(cache))
-            for i, prompt in enumerate(prompts):
-                sched.run(SimReq(f"b{i}", prompt))
-                states[rank].append(tree_state(cache))
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
-            collective.barrier.abort()
+        drive(cache, sched, states[rank], prompts)
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = run_ranks(run, 2, on_error=collective.barrier.abort)
     assert not errors, errors
     for step, (a, b) in enumerate(zip(*states, strict=True)):
         assert a == b, f"the ranks' trees differ after step {step}"

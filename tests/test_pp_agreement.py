@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import queue
 import random
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 from hiradix.integration.sglang.cache import PP_STORE_REFUSED, HiRadixCache
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
-from sglang_sim import Scheduler, SimReq, make_pools
+from sglang_sim import Scheduler, SimReq, make_pools, run_ranks
 from test_agreed_step import tree_state
 
 from hiradix.config import parse_config
@@ -89,33 +88,25 @@ def test_a_later_stage_adopts_the_first_stages_verdict():
     waits: list[int] = []
     stages = [make_stage(s, relay, waits) for s in range(2)]
     states: list[list] = [[], []]
-    errors: list[BaseException] = []
 
     def run(stage: int) -> None:
         cache, sched = stages[stage]
         pause = random.Random(stage)  # each stage's own timing: different clocks
-        try:
-            for rnd in range(2):
-                for i, prompt in enumerate(prompts):
-                    sched.run(SimReq(f"r{rnd}-{i}", prompt))
-                    states[stage].append(tree_state(cache))
-                    time.sleep(pause.uniform(0.0, 0.03))
-                cache.evict(EvictParams(num_tokens=10_000))  # the second round loads from L2
-                cache.step()
+        for rnd in range(2):
+            for i, prompt in enumerate(prompts):
+                sched.run(SimReq(f"r{rnd}-{i}", prompt))
                 states[stage].append(tree_state(cache))
-            # only the first stage's clock passes the host TTL; the later one expires the
-            # same pages at the same step all the same
-            time.sleep(1.2 if stage == 0 else 0.0)
+                time.sleep(pause.uniform(0.0, 0.03))
+            cache.evict(EvictParams(num_tokens=10_000))  # the second round loads from L2
             cache.step()
             states[stage].append(tree_state(cache))
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
+        # only the first stage's clock passes the host TTL; the later one expires the
+        # same pages at the same step all the same
+        time.sleep(1.2 if stage == 0 else 0.0)
+        cache.step()
+        states[stage].append(tree_state(cache))
 
-    threads = [threading.Thread(target=run, args=(s,)) for s in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = run_ranks(run, 2)
     assert not errors, errors
     assert len(states[0]) == len(states[1])
     for step, (a, b) in enumerate(zip(*states, strict=True)):

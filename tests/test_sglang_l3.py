@@ -9,28 +9,11 @@ import time
 import pytest
 from hiradix.backends.faults import FaultyStore
 from hiradix.integration.sglang.cache import HiRadixCache
-from hiradix.integration.testbed.redis_servers import RedisServer
-from sglang_sim import Scheduler, SimReq, idle_total, make_pools
+from sglang_sim import Scheduler, SimReq, idle_total, make_pools, settle
 
 from hiradix.config import parse_config
 
 pytestmark = pytest.mark.usefixtures("sglang_context")
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    server = RedisServer()
-    server.start()
-    yield server.url
-    server.stop()
-
-
-@pytest.fixture(params=["nvme", "redis"])
-def store_cfg(request, tmp_path, redis_url):
-    if request.param == "nvme":
-        return {"kind": "nvme", "nvme": {"path": str(tmp_path / "pages"), "size": "64MiB"}}
-    prefix = f"t{random.randrange(10**9)}:"
-    return {"kind": "redis", "redis": {"url": redis_url, "key_prefix": prefix}}
 
 
 def server(store, *, size=512, host="4MiB", block=16, wait="wait_complete", **extra):
@@ -45,14 +28,6 @@ def server(store, *, size=512, host="4MiB", block=16, wait="wait_complete", **ex
     )
     cache = HiRadixCache(pools.params(1), config, model_id="test-model")
     return cache, pools, Scheduler(cache, pools)
-
-
-def settle(cache):
-    """Let write-through reach the store (what the scheduler's next steps would do)."""
-    for _ in range(3):
-        cache.flush_pending_backups()
-        cache.engine.drain()
-    cache.flush_pending_backups()
 
 
 def test_second_server_reuses_first_servers_pages(store_cfg):

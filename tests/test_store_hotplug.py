@@ -14,21 +14,12 @@ import pytest
 from hiradix.backends.faults import FaultyStore
 from hiradix.backends.registry import create_store
 from hiradix.integration.sglang.cache import HiRadixCache
-from hiradix.integration.testbed.redis_servers import RedisServer
-from sglang_sim import Scheduler, SimReq, idle_total, make_pools
-from test_agreed_step import Collective, tree_state
+from sglang_sim import Scheduler, SimReq, idle_total, make_pools, run_ranks, settle
+from test_agreed_step import Collective, make_rank, tree_state
 
 from hiradix.config import ConfigError, parse_config
 
 pytestmark = pytest.mark.usefixtures("sglang_context")
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    server = RedisServer()
-    server.start()
-    yield server.url
-    server.stop()
 
 
 def nvme(path) -> dict:
@@ -68,13 +59,6 @@ def server(store: dict, *, host="4MiB", wait="wait_complete", block=16):
 def attach(cache: HiRadixCache, section: dict) -> tuple[bool, str]:
     body = {"block_tokens": 16, **{k: v for k, v in section.items() if k != "kind"}}
     return cache.admin_attach(section["kind"], json.dumps(body))
-
-
-def settle(cache: HiRadixCache) -> None:
-    for _ in range(3):
-        cache.flush_pending_backups()
-        cache.engine.drain()
-    cache.flush_pending_backups()
 
 
 def prompt(seed: int, n: int = 100) -> list[int]:
@@ -250,29 +234,13 @@ def test_clear_empties_the_store(tmp_path):
     assert not ok and "no L3 store" in message
 
 
-def make_rank(rank: int, collective: Collective, tmp_path) -> tuple[HiRadixCache, Scheduler]:
-    pools = make_pools(size=384)
-    config = parse_config(
-        {
-            "host": {"size": "96KiB"},
-            "store": {"kind": "memory", "block_tokens": 16},
-            "prefetch": {"policy": "arrival", "wait": "timeout", "timeout": "20ms"},
-        }
-    )
-    cache = HiRadixCache(pools.params(1), config, model_id=f"test-model/tp{rank}of2")
-    cache._tp_size = lambda: 2  # type: ignore[method-assign]
-    cache.now = 0.0
-    cache._reduce_min = lambda vector: collective.reduce_min(rank, vector)  # type: ignore[method-assign]
-    return cache, Scheduler(cache, pools)
-
-
 def test_two_tp_ranks_switch_at_the_same_step(tmp_path):
     rng = random.Random(18)
     system = [rng.randrange(1000, 2000) for _ in range(48)]
     prompts = [system + [rng.randrange(2000, 3000) for _ in range(rng.randrange(20, 90))]
                for _ in range(8)]  # fmt: skip
     collective = Collective(2)
-    ranks = [make_rank(r, collective, tmp_path) for r in range(2)]
+    ranks = [make_rank(r, collective) for r in range(2)]
     # rank 1's store is slow and fails at random: its jobs are in flight at each switch
     ranks[1][0].storage.store = FaultyStore(
         ranks[1][0].storage.store, latency_s=0.01, error_rate=0.2, seed=5
@@ -289,7 +257,6 @@ def test_two_tp_ranks_switch_at_the_same_step(tmp_path):
     states: list[list] = [[], []]
     switched_at: list[list[int]] = [[], []]
     answers: list[list[bool]] = [[], []]
-    errors: list[BaseException] = []
 
     def run(rank: int) -> None:
         cache, sched = ranks[rank]
@@ -300,28 +267,20 @@ def test_two_tp_ranks_switch_at_the_same_step(tmp_path):
             switch(config)
 
         cache._switch_store = recording  # type: ignore[method-assign]
-        try:
-            for i, ids in enumerate(prompts):
-                if i == 2:  # refused on rank 1 alone: refused on both
-                    answers[rank].append(cache.admin_attach("memory", '{"block_tokens": 32}')[0])
-                if i == 3:
-                    answers[rank].append(cache.admin_attach("memory", '{"block_tokens": 32}')[0])
-                if i == 5:
-                    answers[rank].append(cache.admin_detach()[0])
-                if i == 6:
-                    answers[rank].append(cache.admin_attach("memory", "{}")[0])
-                sched.run(SimReq(f"r{i}", ids))
-                cache.flush_pending_backups()
-                states[rank].append(tree_state(cache))
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-            errors.append(exc)
-            collective.barrier.abort()
+        for i, ids in enumerate(prompts):
+            if i == 2:  # refused on rank 1 alone: refused on both
+                answers[rank].append(cache.admin_attach("memory", '{"block_tokens": 32}')[0])
+            if i == 3:
+                answers[rank].append(cache.admin_attach("memory", '{"block_tokens": 32}')[0])
+            if i == 5:
+                answers[rank].append(cache.admin_detach()[0])
+            if i == 6:
+                answers[rank].append(cache.admin_attach("memory", "{}")[0])
+            sched.run(SimReq(f"r{i}", ids))
+            cache.flush_pending_backups()
+            states[rank].append(tree_state(cache))
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    errors = run_ranks(run, 2, on_error=collective.barrier.abort)
     assert not errors, errors
     assert answers[0] == answers[1] == [False, True, True, True]
     assert switched_at[0] == switched_at[1] and len(switched_at[0]) == 3

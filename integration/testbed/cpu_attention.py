@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from hiradix.integration.testbed import env_switch
 from torch.nn.functional import scaled_dot_product_attention
 
 logger = logging.getLogger(__name__)
@@ -43,11 +44,8 @@ _registered = False
 def register() -> None:
     """Entry point (every process of a testbed server): install the hook if the variable asks."""
     global _registered
-    mode = os.environ.get(ENV, "")
-    if _registered or not mode:
+    if _registered or not env_switch(ENV, MODE):
         return
-    if mode != MODE:
-        raise ValueError(f"{ENV}={mode!r} is not supported; allowed: {MODE!r} or unset")
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(TARGET, extend_new_queries, HookType.AROUND)

@@ -25,6 +25,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hiradix.integration.testbed import env_switch
+
 logger = logging.getLogger(__name__)
 
 ENV = "HIRADIX_CPU_MLA"
@@ -38,11 +40,8 @@ _registered = False
 def register() -> None:
     """Entry point (every process of a testbed server): register the handler if asked."""
     global _registered
-    mode = os.environ.get(ENV, "")
-    if _registered or not mode:
+    if _registered or not env_switch(ENV, MODE):
         return
-    if mode != MODE:
-        raise ValueError(f"{ENV}={mode!r} is not supported; allowed: {MODE!r} or unset")
     from sglang.srt.models.deepseek_common import attention_backend_handler as handlers
 
     def absorbed(attn: Any, forward_batch: Any) -> Any:

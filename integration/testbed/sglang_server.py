@@ -46,7 +46,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +167,17 @@ def checkpoint_dtype(model_dir: str | os.PathLike[str]) -> str | None:
         return None
     dtype = config.get("dtype") or config.get("torch_dtype")
     return str(dtype) if dtype else None
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float = 60.0) -> None:
+    """Poll ``check`` every 0.25 s until it returns something true; ``AssertionError``
+    naming ``what`` after ``timeout`` seconds (servers publish metrics and events late)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting until {what}")
 
 
 class SGLangServer:
