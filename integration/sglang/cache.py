@@ -1,9 +1,12 @@
 """``HiRadixCache``: SGLang's ``BasePrefixCache`` over hiradix's tiered tree.
 
 This adapter translates SGLang's objects (``Req``, ``RadixKey``, device index tensors)
-into the core's types and back. It owns no threads: copies between tiers are submitted to
-the transfer engine and their completions are polled from the scheduler's own calls
-(``match_prefix``, ``evict``, ``flush_pending_backups``, ``check_hicache_events``).
+into the core's types and back. It owns no threads: copies between tiers and store IO are
+submitted to the transfer engine, and their completions are applied only at the agreed
+step (:meth:`HiRadixCache.step`, ``agreed_step.py``), which the scheduler reaches through
+``check_hicache_events`` and ``flush_pending_backups`` on every rank alike; never inside
+``match_prefix`` or ``evict``. The mixins: ``host_tier.py`` (L2), ``prefetch.py`` (L3),
+``store_admin.py`` (switching the store), ``kv_events.py`` (SGLang's KV events).
 
 Contract references are to SGLANG-0.5.23.md.
 """
