@@ -65,9 +65,9 @@ def scheduler_like(queue):
     from sglang.srt.plugins import load_plugins
 
     load_plugins()
-    from hiradix.integration.testbed import cpu_attention, slow_store
+    from hiradix.integration.testbed import cpu_attention, cpu_mla, slow_store
 
-    queue.put((cpu_attention._registered, slow_store._registered))
+    queue.put((cpu_attention._registered, cpu_mla._registered, slow_store._registered))
 
 
 if __name__ == "__main__":
@@ -86,19 +86,21 @@ if __name__ == "__main__":
 def test_testbed_patches_reach_spawned_processes_of_servers_it_starts(tmp_path: Path) -> None:
     """With the testbed's environment, SGLang's plugin loader finds the testbed's entry
     points in a spawned child (a scheduler is one) and their variables switch them on."""
-    from hiradix.integration.testbed import cpu_attention, slow_store
+    from hiradix.integration.testbed import cpu_attention, cpu_mla, slow_store
 
     probe = tmp_path / "probe.py"
     probe.write_text(_SPAWN_PROBE)
-    env = cpu_server_env({cpu_attention.ENV: cpu_attention.MODE, slow_store.ENV: "0.01"})
+    env = cpu_server_env(
+        {cpu_attention.ENV: cpu_attention.MODE, cpu_mla.ENV: cpu_mla.MODE, slow_store.ENV: "0.01"}
+    )
     out = subprocess.run(
         [sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=300,
         check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     names, registered = out.stdout.strip().splitlines()[-2:]
-    assert names == "['hiradix', 'hiradix_cpu_attention', 'hiradix_slow_store']"
-    assert registered == "(True, True)", out.stderr[-3000:]
+    assert names == "['hiradix', 'hiradix_cpu_attention', 'hiradix_cpu_mla', 'hiradix_slow_store']"
+    assert registered == "(True, True, True)", out.stderr[-3000:]
 
 
 def test_kv_bytes_per_token() -> None:
