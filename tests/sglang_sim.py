@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +150,15 @@ def settle(cache: Any) -> None:
         cache.flush_pending_backups()
         cache.engine.drain()
     cache.flush_pending_backups()
+
+
+def write_then_read(sched: Any, cache: Any, prompts: Sequence[Sequence[int]]) -> None:
+    """Every prompt once (written down the tiers), then every prompt again (by then
+    evicted from L1: loaded back from L2 or L3), settling write-through after each."""
+    for tag in ("w", "r"):
+        for i, prompt in enumerate(prompts):
+            sched.run(SimReq(f"{tag}{i}", list(prompt)))
+            settle(cache)
 
 
 def run_ranks(

@@ -19,7 +19,14 @@ from sglang.srt.mem_cache.memory_pool import (
     MLATokenToKVPoolFP4,
     ReqToTokenPool,
 )
-from sglang_sim import Pools, Scheduler, SimReq, idle_total, prefix_code, settle
+from sglang_sim import (
+    Pools,
+    Scheduler,
+    SimReq,
+    idle_total,
+    prefix_code,
+    write_then_read,
+)
 
 from hiradix.config import parse_config
 
@@ -179,12 +186,7 @@ def test_fp8_pools_are_bit_exact_through_l2_and_l3(dtype, tmp_path):
     cache, pools, sched = fp8_server(dtype, store)
     rng = random.Random(5)
     prompts = [[rng.randrange(1000) for _ in range(96)] for _ in range(6)]  # 6 x 96 > L1 256
-    for i, prompt in enumerate(prompts):
-        sched.run(SimReq(f"w{i}", prompt))
-        settle(cache)
-    for i, prompt in enumerate(prompts):  # evicted from L1: loaded back from L2 (or L3)
-        sched.run(SimReq(f"r{i}", prompt))
-        settle(cache)
+    write_then_read(sched, cache, prompts)
     counters = cache.stats.counters
     assert counters["l2_to_l1_tokens"] > 0 and counters["l2_to_l3_tokens"] > 0, counters
     assert idle_total(cache, pools) == pools.size

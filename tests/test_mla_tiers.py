@@ -22,6 +22,7 @@ from sglang_sim import (
     make_pools,
     run_ranks,
     settle,
+    write_then_read,
 )
 from test_agreed_step import Collective, drive
 
@@ -101,12 +102,7 @@ def test_mla_is_bit_exact_through_every_tier(store_cfg):
     full page from L3. Every latent byte that comes back is compared."""
     cache, pools, sched = mla_server(store_cfg)
     prompts = prompts_for(4)
-    for i, prompt in enumerate(prompts):
-        sched.run(SimReq(f"w{i}", prompt))
-        settle(cache)
-    for i, prompt in enumerate(prompts):  # evicted from L1: loaded back from L2 (or L3)
-        sched.run(SimReq(f"r{i}", prompt))
-        settle(cache)
+    write_then_read(sched, cache, prompts)
     counters = cache.stats.counters
     assert counters["l2_to_l1_tokens"] > 0 and counters["l2_to_l3_tokens"] > 0, counters
     assert sched.verified > 0
